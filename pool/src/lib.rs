@@ -1,0 +1,32 @@
+//! `sttproxy-pool`: the lock-free pool of reusable backend connections at the
+//! heart of sttproxy.
+//!
+//! The crate knows nothing of sockets or runtimes. It is generic over a small
+//! [`Connection`] trait, and every atomic, `Arc`, `Mutex` and cell it uses comes
+//! from one facade (`sync`), which is `std` normally and loom under `--cfg loom`.
+//! So the proxy, the tests, the loom model checks and the fault simulation all
+//! drive the same code.
+//!
+//! - [`ConnPool`]: a bounded lock-free queue of idle connections, RAII [`Lease`]s,
+//!   CAS slot [`Reservation`]s for dials, O(1) [`PoolSnapshot`]s.
+//! - [`Signal`]: the coalescing request flag a pool's single reconcile worker waits on.
+
+mod counter;
+mod pool;
+mod queue;
+mod signal;
+mod sync;
+mod waiters;
+
+pub use pool::{
+    AcquireWait, ConnPool, Connection, Lease, PoolConfig, PoolDraining, PoolSnapshot, Reservation,
+    Returned,
+};
+pub use signal::{Signal, SignalWait};
+
+/// The idle queue, exposed only so the loom suite and benchmarks can exercise
+/// it directly. Not part of the stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::queue::ArrayQueue;
+}
