@@ -117,6 +117,8 @@ impl<T> ArrayQueue<T> {
                 if head.wrapping_add(self.one_lap) == tail {
                     return Err(value);
                 }
+                // A consumer claimed the slot and is about to free it.
+                spin_hint();
                 tail = self.tail.load(Ordering::Relaxed);
             } else {
                 // Another producer claimed this position and has not stamped it yet,
