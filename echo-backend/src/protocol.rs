@@ -1,0 +1,168 @@
+//! The fencing protocol's control messages (DESIGN.md §3) and the stt results.
+
+use serde::{Deserialize, Serialize};
+
+/// The proxy's control messages start with these bytes (the fast path).
+const CONTROL_PREFIX: &[u8] = br#"{"type":"session."#;
+/// Any control message contains this, whatever the order of its keys.
+const CONTROL_MARKER: &str = r#""session."#;
+
+/// A control message from the proxy.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Control {
+    Start { session: String },
+    End { session: Option<String> },
+}
+
+#[derive(Deserialize)]
+struct RawControl<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    session: Option<String>,
+}
+
+/// Recognizes a control message: a text message that parses as a JSON object whose `type`
+/// is `session.start` or `session.end`. Everything else is data.
+///
+/// Cheap for data: only text that starts with `{"type":"session.` (the proxy's form), or a
+/// JSON object with `"session.` in it (keys in another order), is parsed at all.
+pub(crate) fn parse_control(text: &str) -> Option<Control> {
+    let candidate = text.as_bytes().starts_with(CONTROL_PREFIX)
+        || (text.trim_start().starts_with('{') && text.contains(CONTROL_MARKER));
+    if !candidate {
+        return None;
+    }
+    let raw: RawControl<'_> = serde_json::from_str(text).ok()?;
+    match raw.kind.as_ref() {
+        "session.start" => Some(Control::Start {
+            session: raw.session.unwrap_or_default(),
+        }),
+        "session.end" => Some(Control::End {
+            session: raw.session,
+        }),
+        _ => None,
+    }
+}
+
+#[derive(Serialize)]
+struct Reply<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    session: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+}
+
+fn render(reply: &Reply<'_>) -> String {
+    // Serializing a struct of strings and integers into a String cannot fail; fall back to
+    // an empty object rather than panic if it ever did.
+    serde_json::to_string(reply).unwrap_or_else(|_| String::from("{}"))
+}
+
+/// `{"type":"session.started","session":ID}`
+pub(crate) fn started(session: &str) -> String {
+    render(&Reply {
+        kind: "session.started",
+        session: Some(session),
+        seq: None,
+        text: None,
+    })
+}
+
+/// `{"type":"session.ended","session":ID}`
+pub(crate) fn ended(session: &str) -> String {
+    render(&Reply {
+        kind: "session.ended",
+        session: Some(session),
+        seq: None,
+        text: None,
+    })
+}
+
+/// `{"type":"partial","session":ID,"seq":N,"text":...}`; `session` is null outside a session.
+pub(crate) fn partial(session: Option<&str>, seq: u64, chunk_len: usize) -> String {
+    let text = format!("partial {seq}: {chunk_len} bytes");
+    render(&Reply {
+        kind: "partial",
+        session,
+        seq: Some(seq),
+        text: Some(&text),
+    })
+}
+
+/// `{"type":"final","session":ID,"seq":N,"text":...}`
+pub(crate) fn final_result(session: &str, seq: u64, chunks: u64, bytes: u64) -> String {
+    let text = format!("final: {chunks} chunks, {bytes} bytes");
+    render(&Reply {
+        kind: "final",
+        session: Some(session),
+        seq: Some(seq),
+        text: Some(&text),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognizes_control_messages() {
+        assert_eq!(
+            parse_control(r#"{"type":"session.start","session":"a1","params":{"lang":"de"}}"#),
+            Some(Control::Start {
+                session: "a1".into()
+            })
+        );
+        assert_eq!(
+            parse_control(r#"{"type":"session.end","session":"a\"1"}"#),
+            Some(Control::End {
+                session: Some("a\"1".into())
+            })
+        );
+        assert_eq!(
+            parse_control(r#"{"type":"session.end"}"#),
+            Some(Control::End { session: None })
+        );
+        // Keys in another order, whitespace: still JSON control objects.
+        assert_eq!(
+            parse_control(r#" { "params":{}, "session":"b", "type" : "session.start" }"#),
+            Some(Control::Start {
+                session: "b".into()
+            })
+        );
+    }
+
+    #[test]
+    fn everything_else_is_data() {
+        for text in [
+            "",
+            "hello",
+            r#"{"type":"partial","session":"a"}"#,
+            r#"{"type":"session.bogus","session":"a"}"#,
+            r#"{"type":"session.start","session":"#,
+            r#"["session.start"]"#,
+            r#"{"type":"session.start","session":1}"#,
+        ] {
+            assert_eq!(parse_control(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn replies_are_json() {
+        let v: serde_json::Value = serde_json::from_str(&partial(Some("s\"x"), 3, 10)).unwrap();
+        assert_eq!(v["type"], "partial");
+        assert_eq!(v["session"], "s\"x");
+        assert_eq!(v["seq"], 3);
+        let v: serde_json::Value = serde_json::from_str(&partial(None, 0, 1)).unwrap();
+        assert!(v["session"].is_null());
+        assert_eq!(started("x"), r#"{"type":"session.started","session":"x"}"#);
+        assert_eq!(ended("x"), r#"{"type":"session.ended","session":"x"}"#);
+        let v: serde_json::Value = serde_json::from_str(&final_result("x", 2, 2, 20)).unwrap();
+        assert_eq!(v["type"], "final");
+        assert_eq!(v["seq"], 2);
+    }
+}

@@ -1,0 +1,21 @@
+# Recipes mirror the README's cargo commands; they never replace them.
+
+# The whole test suite (unit, proptest, integration over 127.0.0.1).
+test:
+    cargo test --workspace
+
+# loom model checks of the pool (its own target dir: --cfg loom rebuilds everything).
+loom:
+    RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 CARGO_TARGET_DIR=target/loom cargo test -p sttproxy-pool --release --test loom_pool
+
+# Pool benchmark: ours vs the naive mutex design vs deadpool.
+bench:
+    cargo bench -p sttproxy-pool --bench pool
+
+lint:
+    cargo clippy --workspace --all-targets -- -D warnings
+    cargo fmt --all --check
+
+# What CI runs.
+ci:
+    bash .ci/run
