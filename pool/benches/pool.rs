@@ -7,7 +7,11 @@
 //! Every measurement is aggregate wall time per acquire+release pair: `iters`
 //! pairs are split evenly across the threads, so a lower figure means more pairs
 //! per second for the whole pool.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -171,9 +171,23 @@ impl<C: Connection> ConnPool<C> {
     /// Take an idle connection, if there is one. Never blocks, never does I/O.
     /// Dead idle connections met on the way are closed.
     pub fn acquire(&self) -> Option<Lease<C>> {
+        self.shared.acquire().map(|conn| {
+            self.shared.acquired.incr();
+            Lease {
+                conn: Some(conn),
+                shared: self.shared.clone(),
+                counted: true,
+            }
+        })
+    }
+
+    /// Take an idle connection out for maintenance (a health check), like
+    /// [`ConnPool::acquire`] but not counted as a session's lease in the totals.
+    pub fn checkout_idle(&self) -> Option<Lease<C>> {
         self.shared.acquire().map(|conn| Lease {
             conn: Some(conn),
             shared: self.shared.clone(),
+            counted: false,
         })
     }
 
@@ -200,12 +214,10 @@ impl<C: Connection> ConnPool<C> {
             if live >= s.max.load(Ordering::Relaxed) {
                 return None;
             }
-            match s.live.compare_exchange_weak(
-                live,
-                live + 1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
+            match s
+                .live
+                .compare_exchange_weak(live, live + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => break,
                 Err(current) => live = current,
             }
@@ -303,6 +315,11 @@ impl<C: Connection> ConnPool<C> {
         &self.shared.reconcile
     }
 
+    /// Live connections (idle + leased + dialing) now: one atomic load.
+    pub fn live(&self) -> usize {
+        self.shared.live.load(Ordering::Acquire)
+    }
+
     pub fn snapshot(&self) -> PoolSnapshot {
         let s = &*self.shared;
         let live = s.live.load(Ordering::Acquire);
@@ -338,7 +355,6 @@ impl<C: Connection> Shared<C> {
         }
         while let Some(conn) = self.idle.pop() {
             if conn.is_alive() {
-                self.acquired.incr();
                 return Some(conn);
             }
             self.close_conn(conn);
@@ -434,6 +450,8 @@ pub struct Lease<C: Connection> {
     /// `Some` until the lease ends.
     conn: Option<C>,
     shared: Arc<Shared<C>>,
+    /// False for a maintenance checkout, which the session totals ignore.
+    counted: bool,
 }
 
 impl<C: Connection> Lease<C> {
@@ -444,7 +462,7 @@ impl<C: Connection> Lease<C> {
             return Returned::Closed;
         };
         let outcome = self.shared.put_back(conn);
-        if outcome == Returned::Idle {
+        if outcome == Returned::Idle && self.counted {
             self.shared.released.incr();
         }
         outcome
@@ -535,6 +553,7 @@ impl<C: Connection> Reservation<C> {
         Lease {
             conn: Some(conn),
             shared,
+            counted: true,
         }
     }
 
@@ -575,9 +594,11 @@ pub struct AcquireWait<C: Connection> {
 
 impl<C: Connection> AcquireWait<C> {
     fn lease(&self, conn: C) -> Lease<C> {
+        self.shared.acquired.incr();
         Lease {
             conn: Some(conn),
             shared: self.shared.clone(),
+            counted: true,
         }
     }
 

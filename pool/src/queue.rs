@@ -173,6 +173,11 @@ impl<T> ArrayQueue<T> {
         }
     }
 
+    /// Whether the queue holds no value (same caveats as [`ArrayQueue::len`]).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Number of values in the queue. Exact when no push or pop is in flight;
     /// under concurrency, a value that was true at some instant during the call.
     pub fn len(&self) -> usize {

@@ -3,6 +3,7 @@
 //!
 //! Run: `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p sttproxy-pool --release`
 #![cfg(loom)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use loom::sync::{Arc, Mutex};
@@ -48,7 +49,9 @@ fn world(n: usize, target: usize, max: usize) -> World {
     for id in 0..n {
         let flag = Arc::new(AtomicBool::new(false));
         in_use.push(flag.clone());
-        let r = pool.try_reserve().expect("room for the initial connections");
+        let r = pool
+            .try_reserve()
+            .expect("room for the initial connections");
         assert_eq!(r.offer(conn(id, flag, &closed)), Returned::Idle);
     }
     World {
@@ -113,7 +116,10 @@ fn queue_concurrent_push_pop_capacity_two() {
             .into_iter()
             .filter_map(|t| t.join().unwrap())
             .collect();
-        assert!(pushed.len() >= 2, "with one pop, at least 2 of 3 pushes fit");
+        assert!(
+            pushed.len() >= 2,
+            "with one pop, at least 2 of 3 pushes fit"
+        );
         let mut popped: Vec<i32> = popped_early.into_iter().collect();
         while let Some(v) = q.pop() {
             popped.push(v);
@@ -199,10 +205,9 @@ fn reserve_offer_vs_release_vs_discard_never_overshoot() {
                 let pool = w.pool.clone();
                 let closed = w.closed.clone();
                 thread::spawn(move || {
-                    let live = pool.snapshot().live;
-                    assert!(live <= max, "live {live} > max {max}");
                     if let Some(r) = pool.try_reserve() {
-                        assert!(pool.snapshot().live <= max);
+                        let live = pool.live();
+                        assert!(live <= max, "live {live} > max {max}");
                         r.offer(conn(10 + i, Arc::new(AtomicBool::new(false)), &closed));
                         true
                     } else {
@@ -213,9 +218,9 @@ fn reserve_offer_vs_release_vs_discard_never_overshoot() {
             .collect();
         let pool = w.pool.clone();
         let releaser = thread::spawn(move || {
-            assert!(pool.snapshot().live <= max);
             lease.discard();
-            assert!(pool.snapshot().live <= max);
+            let live = pool.live();
+            assert!(live <= max, "live {live} > max {max}");
         });
         releaser.join().unwrap();
         let reserved: usize = reservers
@@ -297,7 +302,10 @@ fn close_racing_lease_drop_ends_with_nothing_live() {
         let s = w.pool.snapshot();
         assert_eq!((s.live, s.idle, s.leased), (0, 0, 0));
         assert_eq!(w.closed.lock().unwrap().as_slice(), &[0]);
-        assert!(w.pool.try_reserve().is_none(), "a closed pool reserves nothing");
+        assert!(
+            w.pool.try_reserve().is_none(),
+            "a closed pool reserves nothing"
+        );
     });
 }
 
@@ -326,7 +334,11 @@ fn signal_coalesces_and_never_loses_a_trigger() {
         let mut runs = 0;
         loop {
             loom::future::block_on(signal.wait());
-            assert_eq!(running.fetch_add(1, Ordering::SeqCst), 0, "two runs at once");
+            assert_eq!(
+                running.fetch_add(1, Ordering::SeqCst),
+                0,
+                "two runs at once"
+            );
             runs += 1;
             let seen = requested.load(Ordering::SeqCst);
             running.fetch_sub(1, Ordering::SeqCst);

@@ -1,6 +1,7 @@
 //! proptest state machine: random operation sequences against the real pool and a
 //! plain sequential model of it; every invariant is checked after every step.
 #![cfg(not(loom))]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -224,7 +225,8 @@ impl Harness {
                 self.pool.set_target(t);
             }
             Op::MarkDead(i) => {
-                let candidates: Vec<usize> = m.idle.iter().chain(m.leased.iter()).copied().collect();
+                let candidates: Vec<usize> =
+                    m.idle.iter().chain(m.leased.iter()).copied().collect();
                 if let Some(&id) = candidates.get(i % candidates.len().max(1)) {
                     self.alive[id].store(false, Ordering::SeqCst);
                 }

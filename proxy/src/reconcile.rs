@@ -34,6 +34,11 @@ pub trait Dialer: Send + Sync + 'static {
     fn dial(&self) -> impl Future<Output = Result<Self::Conn, Self::Error>> + Send;
 }
 
+/// Told the outcome of every dial (the backend's health tracker listens).
+pub trait DialObserver: Send + Sync + 'static {
+    fn dial_result(&self, ok: bool);
+}
+
 /// How a reconcile worker paces itself.
 #[derive(Debug, Clone)]
 pub struct ReconcileConfig {
@@ -88,6 +93,13 @@ pub struct ReconcileWorker<D: Dialer> {
     stats: Arc<ReconcileStats>,
     /// No dial before this instant (set by backoff after a failure).
     next_dial_at: Option<Instant>,
+    observer: Option<Arc<dyn DialObserver>>,
+}
+
+impl std::fmt::Debug for dyn DialObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DialObserver")
+    }
 }
 
 impl<D: Dialer> ReconcileWorker<D> {
@@ -105,7 +117,14 @@ impl<D: Dialer> ReconcileWorker<D> {
             rng,
             stats: Arc::new(ReconcileStats::default()),
             next_dial_at: None,
+            observer: None,
         }
+    }
+
+    /// Report every dial's outcome to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn DialObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn stats(&self) -> Arc<ReconcileStats> {
@@ -183,6 +202,9 @@ impl<D: Dialer> ReconcileWorker<D> {
             };
             match result {
                 Ok(conn) => {
+                    if let Some(o) = &self.observer {
+                        o.dial_result(true);
+                    }
                     if reservation.offer(conn) == Returned::Idle {
                         outcome.dialed += 1;
                     }
@@ -192,6 +214,9 @@ impl<D: Dialer> ReconcileWorker<D> {
                         .store(0, Ordering::Relaxed);
                 }
                 Err(e) => {
+                    if let Some(o) = &self.observer {
+                        o.dial_result(false);
+                    }
                     reservation.unreserve();
                     self.pool.record_dial_failure();
                     outcome.dial_failures += 1;
@@ -288,7 +313,11 @@ mod tests {
         target: usize,
         max: usize,
         dialer: FakeDialer,
-    ) -> (ConnPool<FakeConn>, Arc<FakeDialer>, ReconcileWorker<FakeDialer>) {
+    ) -> (
+        ConnPool<FakeConn>,
+        Arc<FakeDialer>,
+        ReconcileWorker<FakeDialer>,
+    ) {
         let pool = ConnPool::new(PoolConfig::new(target, max));
         let dialer = Arc::new(dialer);
         let config = ReconcileConfig {

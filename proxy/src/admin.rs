@@ -1,0 +1,120 @@
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (alive),
+//! `/readyz` (at least one healthy backend and not draining), `/pools` (JSON).
+//! It only reads pool snapshots; it never reaches into pool internals.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backends::Backends;
+use crate::metrics::Metrics;
+
+/// What the admin endpoints read.
+#[derive(Debug, Clone)]
+pub struct AdminContext {
+    pub backends: Backends,
+    pub metrics: Arc<Metrics>,
+    pub draining: Arc<AtomicBool>,
+}
+
+/// Serve admin requests until `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: AdminContext,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            let service = service_fn(move |req| {
+                let response = route(&req, &ctx);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn route(req: &Request<Incoming>, ctx: &AdminContext) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    match req.uri().path() {
+        "/healthz" => response(StatusCode::OK, TEXT, "ok\n".into()),
+        "/readyz" => {
+            if ctx.draining.load(Ordering::Acquire) {
+                response(StatusCode::SERVICE_UNAVAILABLE, TEXT, "draining\n".into())
+            } else if !ctx.backends.any_healthy() {
+                response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    "no healthy backend\n".into(),
+                )
+            } else {
+                response(StatusCode::OK, TEXT, "ready\n".into())
+            }
+        }
+        "/metrics" => match ctx.metrics.render() {
+            Ok(body) => response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                body,
+            ),
+            Err(_) => response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                TEXT,
+                "metrics encoding failed\n".into(),
+            ),
+        },
+        "/pools" => {
+            let views: Vec<_> = ctx.backends.all().iter().map(|b| b.view()).collect();
+            response(
+                StatusCode::OK,
+                "application/json",
+                json!({ "backends": views }).to_string(),
+            )
+        }
+        _ => response(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
+    }
+}

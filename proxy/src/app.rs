@@ -1,0 +1,203 @@
+//! Starting and stopping a whole proxy: listeners, backend pools and their
+//! tasks, and the graceful shutdown of DESIGN §8. Used by `main` and, in
+//! process, by the integration tests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminContext};
+use crate::backend::BackendPool;
+use crate::backend::conn::ws_config;
+use crate::backends::Backends;
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::server::{self, ServerContext};
+use crate::session::SessionContext;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("binding {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("backend {id}: {source}")]
+    Backend {
+        id: String,
+        source: crate::backend::DialError,
+    },
+}
+
+/// A running proxy. Dropping it does not stop it: call [`Proxy::shutdown`].
+#[derive(Debug)]
+pub struct Proxy {
+    listen_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    backends: Backends,
+    metrics: Arc<Metrics>,
+    server: Arc<ServerContext>,
+    draining: Arc<AtomicBool>,
+    shutdown_grace: Duration,
+    /// Stops the client accept loop.
+    accept_stop: CancellationToken,
+    /// Fires when the grace is over: open sessions close with 1001.
+    sessions_stop: CancellationToken,
+    /// Stops the backend pools' tasks and the admin listener.
+    background_stop: CancellationToken,
+    sessions: TaskTracker,
+    background: TaskTracker,
+}
+
+impl Proxy {
+    /// Bind both listeners, start a pool per backend, start serving.
+    pub async fn start(settings: &Settings) -> Result<Self, StartError> {
+        settings.validate()?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "client",
+                    addr: settings.listen,
+                    source,
+                })?;
+        let admin_listener =
+            TcpListener::bind(settings.admin)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "admin",
+                    addr: settings.admin,
+                    source,
+                })?;
+        let bound = |l: &TcpListener, what, addr| {
+            l.local_addr()
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let listen_addr = bound(&listener, "client", settings.listen)?;
+        let admin_addr = bound(&admin_listener, "admin", settings.admin)?;
+
+        let sessions = TaskTracker::new();
+        let background = TaskTracker::new();
+        let background_stop = CancellationToken::new();
+        let backends = Backends::default();
+        let tuning = settings.pool_tuning();
+        let mut pools = Vec::new();
+        for (i, spec) in settings.backend_specs().iter().enumerate() {
+            let seed = rand::random::<u64>() ^ i as u64;
+            let pool = BackendPool::start(spec, &tuning, &background, &background_stop, seed)
+                .map_err(|source| StartError::Backend {
+                    id: spec.id.clone(),
+                    source,
+                })?;
+            pools.push(pool);
+        }
+        backends.set(pools);
+        let metrics = Metrics::new(backends.clone());
+        let draining = Arc::new(AtomicBool::new(false));
+        let sessions_stop = CancellationToken::new();
+        let server = Arc::new(ServerContext::new(
+            SessionContext {
+                backends: backends.clone(),
+                metrics: metrics.clone(),
+                settings: Arc::new(settings.session_settings()),
+                shutdown: sessions_stop.clone(),
+            },
+            settings.stream_path.clone(),
+            ws_config(settings.max_message_size),
+            settings.handshake_timeout,
+            settings.max_connections,
+            settings.max_connections_per_ip,
+            settings.api_keys.clone(),
+            settings.allowed_origins.clone(),
+            draining.clone(),
+        ));
+        let accept_stop = CancellationToken::new();
+        background.spawn(server::accept_loop(
+            listener,
+            server.clone(),
+            sessions.clone(),
+            accept_stop.clone(),
+        ));
+        background.spawn(admin::serve(
+            admin_listener,
+            AdminContext {
+                backends: backends.clone(),
+                metrics: metrics.clone(),
+                draining: draining.clone(),
+            },
+            background.clone(),
+            background_stop.clone(),
+        ));
+        Ok(Self {
+            listen_addr,
+            admin_addr,
+            backends,
+            metrics,
+            server,
+            draining,
+            shutdown_grace: settings.shutdown_grace,
+            accept_stop,
+            sessions_stop,
+            background_stop,
+            sessions,
+            background,
+        })
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.server.open_connections()
+    }
+
+    /// Graceful shutdown: stop accepting and report not-ready at once; give
+    /// sessions `shutdown_grace` to finish; then close the rest with 1001;
+    /// then stop the pools and the admin listener. Every task has ended when
+    /// this returns.
+    pub async fn shutdown(self) {
+        self.draining.store(true, Ordering::Release);
+        self.accept_stop.cancel();
+        self.sessions.close();
+        if tokio::time::timeout(self.shutdown_grace, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                open = self.sessions.len(),
+                "shutdown grace over; closing the remaining sessions with 1001"
+            );
+            self.sessions_stop.cancel();
+            // Sessions close their clients with a bounded timeout; this ends.
+            self.sessions.wait().await;
+        }
+        for b in self.backends.all().iter() {
+            b.shutdown();
+        }
+        self.background_stop.cancel();
+        self.background.close();
+        self.background.wait().await;
+    }
+}

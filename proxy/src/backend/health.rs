@@ -1,0 +1,199 @@
+//! Backend health: a backend flips unhealthy only after N consecutive failures
+//! (dials or pings) and healthy again only after M consecutive successes, so
+//! one lost ping does not shuffle traffic around. Every flip asks the pool's
+//! reconcile worker to run.
+//!
+//! Idle connections are pinged every `health_interval` (jittered) and must
+//! answer with a pong within `health_timeout`. A check takes one idle
+//! connection out of the pool at a time (so it never holds anything `acquire`
+//! needs beyond that one connection) and puts it back only if it answered.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use rand::rngs::SmallRng;
+use sttproxy_pool::ConnPool;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::BackendConn;
+use crate::reconcile::{DialObserver, jitter};
+
+/// How many consecutive results flip a backend's health.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthThresholds {
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+}
+
+impl Default for HealthThresholds {
+    fn default() -> Self {
+        Self {
+            unhealthy_after: 3,
+            healthy_after: 2,
+        }
+    }
+}
+
+/// The health of one backend.
+pub struct Health {
+    healthy: AtomicBool,
+    /// (consecutive failures, consecutive successes). A mutex: results are
+    /// rare (dials, pings), never per message.
+    streak: Mutex<(u32, u32)>,
+    thresholds: HealthThresholds,
+    pub ping_failures: AtomicU64,
+    pub pings_ok: AtomicU64,
+    /// Called on every flip (the pool's reconcile trigger).
+    on_flip: Box<dyn Fn(bool) + Send + Sync>,
+}
+
+impl Health {
+    /// A new backend starts healthy: it has not failed yet.
+    pub fn new(thresholds: HealthThresholds, on_flip: Box<dyn Fn(bool) + Send + Sync>) -> Self {
+        Self {
+            healthy: AtomicBool::new(true),
+            streak: Mutex::new((0, 0)),
+            thresholds,
+            ping_failures: AtomicU64::new(0),
+            pings_ok: AtomicU64::new(0),
+            on_flip,
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Record one result; flips health when a streak reaches its threshold.
+    pub fn record(&self, ok: bool) {
+        let flip = {
+            let mut streak = match self.streak.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if ok {
+                *streak = (0, streak.1.saturating_add(1));
+            } else {
+                *streak = (streak.0.saturating_add(1), 0);
+            }
+            let healthy = self.healthy.load(Ordering::Acquire);
+            if healthy && streak.0 >= self.thresholds.unhealthy_after {
+                self.healthy.store(false, Ordering::Release);
+                Some(false)
+            } else if !healthy && streak.1 >= self.thresholds.healthy_after {
+                self.healthy.store(true, Ordering::Release);
+                Some(true)
+            } else {
+                None
+            }
+        };
+        if let Some(now_healthy) = flip {
+            (self.on_flip)(now_healthy);
+        }
+    }
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("healthy", &self.is_healthy())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DialObserver for Health {
+    fn dial_result(&self, ok: bool) {
+        self.record(ok);
+    }
+}
+
+/// Why a ping check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PingError {
+    #[error("no pong within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed")]
+    Closed,
+    #[error("data arrived on an idle connection")]
+    UnexpectedData,
+    #[error("{0}")]
+    Io(#[from] tokio_tungstenite::tungstenite::Error),
+}
+
+/// Ping one connection and wait for the matching pong.
+pub async fn ping(
+    conn: &mut BackendConn,
+    payload: u64,
+    timeout: Duration,
+) -> Result<(), PingError> {
+    let payload = Bytes::copy_from_slice(&payload.to_be_bytes());
+    let exchange = async {
+        conn.ws.send(Message::Ping(payload.clone())).await?;
+        loop {
+            match conn.ws.next().await {
+                Some(Ok(Message::Pong(p))) if p == payload => return Ok(()),
+                Some(Ok(Message::Pong(_) | Message::Ping(_))) => {}
+                Some(Ok(Message::Close(_))) | None => return Err(PingError::Closed),
+                Some(Ok(_)) => return Err(PingError::UnexpectedData),
+                Some(Err(e)) => return Err(PingError::Io(e)),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| PingError::Timeout(timeout))?
+}
+
+/// Ping every idle connection of `pool` every `interval` (jittered ±10 %).
+pub async fn run_health_checks(
+    pool: ConnPool<BackendConn>,
+    health: std::sync::Arc<Health>,
+    interval: Duration,
+    timeout: Duration,
+    mut rng: SmallRng,
+    cancel: CancellationToken,
+    backend_id: String,
+) {
+    let mut seq: u64 = 0;
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(jitter(interval, &mut rng)) => {}
+        }
+        // Check each connection idle now once: checked ones go to the back of the queue.
+        let n = pool.snapshot().idle;
+        for _ in 0..n {
+            if cancel.is_cancelled() {
+                return;
+            }
+            let Some(mut lease) = pool.checkout_idle() else {
+                break;
+            };
+            seq = seq.wrapping_add(1);
+            let result = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                r = ping(&mut lease, seq, timeout) => r,
+            };
+            match result {
+                Ok(()) => {
+                    health.pings_ok.fetch_add(1, Ordering::Relaxed);
+                    health.record(true);
+                    lease.release();
+                }
+                Err(e) => {
+                    tracing::info!(backend = %backend_id, error = %e, "idle connection failed its health check");
+                    health.ping_failures.fetch_add(1, Ordering::Relaxed);
+                    health.record(false);
+                    lease.mark_broken();
+                    lease.discard();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Backends: what they are (spec), how we reach them (dialing), the fencing
+//! protocol spoken on reused connections, and how their health is judged.
+
+pub mod conn;
+pub mod fence;
+pub mod health;
+pub mod pool;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+pub use conn::{BackendConn, DialError, WsDialer};
+pub use health::{Health, HealthThresholds};
+pub use pool::{BackendPool, PoolTuning};
+
+/// Whether a backend's connections are reused across sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reuse {
+    /// Sessions are fenced with `session.start` / `session.end` … `session.ended`,
+    /// and a connection returns to the pool only after a clean fence.
+    #[default]
+    Fenced,
+    /// The backend does not speak the fencing protocol: each pre-warmed
+    /// connection carries one session, then is closed.
+    None,
+}
+
+impl fmt::Display for Reuse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reuse::Fenced => "fenced",
+            Reuse::None => "none",
+        })
+    }
+}
+
+impl FromStr for Reuse {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fenced" => Ok(Reuse::Fenced),
+            "none" => Ok(Reuse::None),
+            other => Err(format!(
+                "unknown reuse mode {other:?} (expected fenced or none)"
+            )),
+        }
+    }
+}
+
+/// One backend row: where it is and how big its pool should be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendSpec {
+    pub id: String,
+    pub url: String,
+    pub target_size: usize,
+    pub max_size: usize,
+    pub weight: u32,
+    pub enabled: bool,
+    pub reuse: Reuse,
+}
+
+impl BackendSpec {
+    /// A spec with the default sizes for `url`, its id derived from the URL.
+    pub fn from_url(url: &str, target_size: usize, max_size: usize) -> Self {
+        Self {
+            id: url
+                .trim_start_matches("wss://")
+                .trim_start_matches("ws://")
+                .trim_end_matches('/')
+                .to_string(),
+            url: url.to_string(),
+            target_size,
+            max_size: max_size.max(target_size),
+            weight: 1,
+            enabled: true,
+            reuse: Reuse::Fenced,
+        }
+    }
+
+    /// Reject what cannot work, with a reason an operator can act on.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id.is_empty() {
+            return Err("empty id".into());
+        }
+        conn::BackendAddr::parse(&self.url).map_err(|e| e.to_string())?;
+        if self.max_size < self.target_size {
+            return Err(format!(
+                "max_size {} < target_size {}",
+                self.max_size, self.target_size
+            ));
+        }
+        if self.max_size == 0 {
+            return Err("max_size is 0".into());
+        }
+        if self.weight == 0 {
+            return Err("weight is 0".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,292 @@
+//! Static settings: a TOML file, every key optional with a production default
+//! (see `proxy/sttproxy.example.toml`), overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::health::HealthThresholds;
+use crate::backend::{BackendSpec, PoolTuning, Reuse};
+use crate::reconcile::ReconcileConfig;
+use crate::session::SessionSettings;
+
+/// Durations in the file are human strings: "250ms", "5s", "2m".
+mod human_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Every setting of `sttproxy serve`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Client listener.
+    pub listen: SocketAddr,
+    /// Admin listener (/metrics /healthz /readyz /pools); keep it private.
+    pub admin: SocketAddr,
+    /// Path clients upgrade on.
+    pub stream_path: String,
+    /// Open client connections at most (beyond: HTTP 503 before the upgrade).
+    pub max_connections: usize,
+    /// Open client connections per IP address at most, 0 = no limit (beyond: HTTP 429).
+    pub max_connections_per_ip: usize,
+    /// API keys accepted in `Authorization: Bearer <key>` or `x-api-key`;
+    /// empty = no authentication.
+    pub api_keys: Vec<String>,
+    /// Allowed `Origin` values; empty = any origin.
+    pub allowed_origins: Vec<String>,
+    /// The client's HTTP request must arrive within this.
+    #[serde(with = "human_duration")]
+    pub handshake_timeout: Duration,
+    /// A new session waits this long for a backend connection, then gets 1013.
+    #[serde(with = "human_duration")]
+    pub acquire_timeout: Duration,
+    /// How long a backend gets to answer `session.end` with `session.ended`.
+    #[serde(with = "human_duration")]
+    pub drain_timeout: Duration,
+    /// A client silent this long is closed with 1001.
+    #[serde(with = "human_duration")]
+    pub idle_timeout: Duration,
+    /// A client that cannot take a message within this is closed with 1008.
+    #[serde(with = "human_duration")]
+    pub send_timeout: Duration,
+    /// On SIGTERM/SIGINT sessions get this long to finish, then close with 1001.
+    #[serde(with = "human_duration")]
+    pub shutdown_grace: Duration,
+    /// Largest message either way (bytes); larger client messages close with 1009.
+    pub max_message_size: usize,
+    /// Idle backend connections are pinged this often (jittered ±10 %).
+    #[serde(with = "human_duration")]
+    pub health_interval: Duration,
+    /// A ping must be answered within this.
+    #[serde(with = "human_duration")]
+    pub health_timeout: Duration,
+    /// Consecutive failed dials/pings before a backend is taken out of rotation.
+    pub unhealthy_after: u32,
+    /// Consecutive successes before it is taken back.
+    pub healthy_after: u32,
+    /// Safety-net period of each pool's reconcile worker (jittered ±10 %).
+    #[serde(with = "human_duration")]
+    pub reconcile_interval: Duration,
+    /// Dials in flight at once per pool.
+    pub max_concurrent_dials: usize,
+    #[serde(with = "human_duration")]
+    pub backend_connect_timeout: Duration,
+    #[serde(with = "human_duration")]
+    pub backend_handshake_timeout: Duration,
+    /// Pool sizes for backends given without their own.
+    pub default_target_size: usize,
+    pub default_max_size: usize,
+    /// Backends (the database issue makes these the seed of the backend table).
+    pub backends: Vec<BackendEntry>,
+    /// `text` (human) or `json` logs.
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A backend in the settings file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendEntry {
+    pub url: String,
+    pub id: Option<String>,
+    pub target_size: Option<usize>,
+    pub max_size: Option<usize>,
+    pub weight: Option<u32>,
+    pub reuse: Option<Reuse>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            stream_path: "/v1/stream".into(),
+            max_connections: 10_000,
+            max_connections_per_ip: 0,
+            api_keys: Vec::new(),
+            allowed_origins: Vec::new(),
+            handshake_timeout: Duration::from_secs(10),
+            acquire_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+            max_message_size: 1 << 20,
+            health_interval: Duration::from_secs(10),
+            health_timeout: Duration::from_secs(2),
+            unhealthy_after: 3,
+            healthy_after: 2,
+            reconcile_interval: Duration::from_secs(5),
+            max_concurrent_dials: 8,
+            backend_connect_timeout: Duration::from_secs(3),
+            backend_handshake_timeout: Duration::from_secs(5),
+            default_target_size: 16,
+            default_max_size: 1024,
+            backends: Vec::new(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Why the settings could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("backend {id}: {reason}")]
+    Backend { id: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Check what cannot work before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.stream_path.starts_with('/') {
+            return Err(ConfigError::Invalid("stream_path must start with /".into()));
+        }
+        if self.max_message_size < 1024 {
+            return Err(ConfigError::Invalid(
+                "max_message_size must be at least 1024".into(),
+            ));
+        }
+        for spec in self.backend_specs() {
+            spec.validate().map_err(|reason| ConfigError::Backend {
+                id: spec.id.clone(),
+                reason,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The backends as specs, sizes defaulted.
+    pub fn backend_specs(&self) -> Vec<BackendSpec> {
+        self.backends
+            .iter()
+            .map(|b| {
+                let mut spec = BackendSpec::from_url(
+                    &b.url,
+                    b.target_size.unwrap_or(self.default_target_size),
+                    b.max_size.unwrap_or(self.default_max_size),
+                );
+                if let Some(max) = b.max_size {
+                    spec.max_size = max;
+                }
+                if let Some(id) = &b.id {
+                    spec.id = id.clone();
+                }
+                if let Some(w) = b.weight {
+                    spec.weight = w;
+                }
+                if let Some(r) = b.reuse {
+                    spec.reuse = r;
+                }
+                spec
+            })
+            .collect()
+    }
+
+    pub fn session_settings(&self) -> SessionSettings {
+        SessionSettings {
+            acquire_timeout: self.acquire_timeout,
+            drain_timeout: self.drain_timeout,
+            idle_timeout: self.idle_timeout,
+            send_timeout: self.send_timeout,
+        }
+    }
+
+    pub fn pool_tuning(&self) -> PoolTuning {
+        PoolTuning {
+            reconcile: ReconcileConfig {
+                tick: self.reconcile_interval,
+                max_concurrent_dials: self.max_concurrent_dials,
+                ..ReconcileConfig::default()
+            },
+            health_interval: self.health_interval,
+            health_timeout: self.health_timeout,
+            thresholds: HealthThresholds {
+                unhealthy_after: self.unhealthy_after.max(1),
+                healthy_after: self.healthy_after.max(1),
+            },
+            connect_timeout: self.backend_connect_timeout,
+            handshake_timeout: self.backend_handshake_timeout,
+            max_message_size: self.max_message_size,
+            capacity_headroom: self.default_max_size.max(4096),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_parses_and_matches_the_defaults() {
+        let text = include_str!("../sttproxy.example.toml");
+        let parsed: Settings = toml::from_str(text).unwrap();
+        let defaults = Settings::default();
+        assert_eq!(parsed.listen, defaults.listen);
+        assert_eq!(parsed.acquire_timeout, defaults.acquire_timeout);
+        assert_eq!(parsed.health_interval, defaults.health_interval);
+        assert_eq!(parsed.backends.len(), 3);
+        parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_a_backend_with_max_below_target() {
+        let s: Settings = toml::from_str(
+            r#"
+            [[backends]]
+            url = "ws://127.0.0.1:9001"
+            target_size = 8
+            max_size = 4
+            "#,
+        )
+        .unwrap();
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_size 4 < target_size 8")
+        );
+    }
+}

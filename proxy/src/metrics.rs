@@ -1,0 +1,204 @@
+//! Prometheus metrics (prometheus-client, Prometheus text format).
+//!
+//! Per-message counts are kept in each session and added here in batches, so
+//! the relay takes no shared cache line per message. Pool gauges and totals are
+//! read from each pool's O(1) snapshot at scrape time.
+//!
+//! Note: prometheus-client appends `_total` to counter names itself.
+
+use std::fmt;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::backends::Backends;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+/// Every metric the proxy keeps, registered in one registry.
+#[derive(Debug)]
+pub struct Metrics {
+    pub sessions: Family<OutcomeLabel, Counter>,
+    pub sessions_active: Gauge,
+    pub messages: Family<DirectionLabel, Counter>,
+    pub bytes: Family<DirectionLabel, Counter>,
+    pub acquire: Family<OutcomeLabel, Counter>,
+    pub fencing: Family<OutcomeLabel, Counter>,
+    pub refused: Family<OutcomeLabel, Counter>,
+    pub acquire_wait_seconds: Histogram,
+    pub session_seconds: Histogram,
+    registry: Registry,
+}
+
+pub const TO_BACKEND: DirectionLabel = DirectionLabel {
+    direction: "client_to_backend",
+};
+pub const TO_CLIENT: DirectionLabel = DirectionLabel {
+    direction: "backend_to_client",
+};
+
+impl Metrics {
+    pub fn new(backends: Backends) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("sttproxy");
+        let m = Metrics {
+            sessions: Family::default(),
+            sessions_active: Gauge::default(),
+            messages: Family::default(),
+            bytes: Family::default(),
+            acquire: Family::default(),
+            fencing: Family::default(),
+            refused: Family::default(),
+            acquire_wait_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            session_seconds: Histogram::new(exponential_buckets(0.1, 4.0, 10)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sessions",
+            "Client sessions ended, by outcome",
+            m.sessions.clone(),
+        );
+        registry.register(
+            "sessions_active",
+            "Client sessions open now",
+            m.sessions_active.clone(),
+        );
+        registry.register(
+            "messages",
+            "Messages relayed, by direction",
+            m.messages.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Payload bytes relayed, by direction",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "acquire",
+            "Backend connection acquisitions, by outcome (idle, dialed, waited, timeout, no_backend)",
+            m.acquire.clone(),
+        );
+        registry.register(
+            "fencing",
+            "Session fences on backend connections, by outcome (clean, timeout, error, not_fenced)",
+            m.fencing.clone(),
+        );
+        registry.register(
+            "refused",
+            "Client requests refused before the upgrade, by reason",
+            m.refused.clone(),
+        );
+        registry.register(
+            "acquire_wait_seconds",
+            "Time a new session waited for a backend connection",
+            m.acquire_wait_seconds.clone(),
+        );
+        registry.register(
+            "session_duration_seconds",
+            "Client session duration",
+            m.session_seconds.clone(),
+        );
+        registry.register_collector(Box::new(PoolCollector { backends }));
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Result<String, fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Reads every pool's snapshot at scrape time.
+#[derive(Debug)]
+struct PoolCollector {
+    backends: Backends,
+}
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let views: Vec<_> = self.backends.all().iter().map(|b| b.view()).collect();
+        type Pick = fn(&crate::backend::pool::PoolView) -> usize;
+        let gauges: [(&str, &str, Pick); 7] = [
+            ("pool_target", "Connections the pool keeps", |v| v.target),
+            ("pool_max", "Hard maximum of live connections", |v| v.max),
+            (
+                "pool_live",
+                "Live connections (idle + leased + dialing)",
+                |v| v.live,
+            ),
+            ("pool_idle", "Idle connections", |v| v.idle),
+            ("pool_leased", "Connections leased to sessions", |v| {
+                v.leased
+            }),
+            ("pool_dialing", "Dials in flight", |v| v.dialing),
+            (
+                "backend_healthy",
+                "1 if the backend takes new sessions",
+                |v| usize::from(v.healthy),
+            ),
+        ];
+        for (name, help, pick) in gauges {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for v in &views {
+                let labels = [("backend", v.id.as_str())];
+                let family = metric.encode_family(&labels)?;
+                ConstGauge::new(i64::try_from(pick(v)).unwrap_or(i64::MAX)).encode(family)?;
+            }
+        }
+        let counters: [(&str, &str, Pick); 4] = [
+            ("pool_acquired", "Connections leased out", |v| {
+                v.acquired_total
+            }),
+            ("pool_released", "Leases returned to the pool", |v| {
+                v.released_total
+            }),
+            ("pool_discarded", "Connections closed", |v| {
+                v.discarded_total
+            }),
+            ("pool_dial_failures", "Dials that failed", |v| {
+                v.dial_failures_total
+            }),
+        ];
+        for (name, help, pick) in counters {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for v in &views {
+                let labels = [("backend", v.id.as_str())];
+                let family = metric.encode_family(&labels)?;
+                ConstCounter::new(pick(v) as u64).encode(family)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "health_check_failures",
+            "Idle connections that failed a ping",
+            None,
+            MetricType::Counter,
+        )?;
+        for b in self.backends.all().iter() {
+            let labels = [("backend", b.id.as_str())];
+            let family = metric.encode_family(&labels)?;
+            ConstCounter::new(
+                b.health
+                    .ping_failures
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .encode(family)?;
+        }
+        Ok(())
+    }
+}

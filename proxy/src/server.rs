@@ -1,0 +1,392 @@
+//! The client listener: HTTP/1.1 (hyper) until the upgrade, then the session.
+//!
+//! Each accepted connection is one task (owned by the sessions' `TaskTracker`):
+//! hyper reads the request under `handshake_timeout`; a valid upgrade is
+//! answered 101 with the derived accept key; everything else gets a status and
+//! a short plain-text reason. After the 101 the raw `TcpStream` is taken back
+//! out of hyper (with any bytes it already read), so the session relays on the
+//! socket itself, not through a boxed IO.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Map, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::OutcomeLabel;
+use crate::session::{self, SessionContext};
+
+/// What the client listener needs.
+#[derive(Debug)]
+pub struct ServerContext {
+    pub session: SessionContext,
+    pub stream_path: String,
+    pub ws_config: WebSocketConfig,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub api_keys: Vec<String>,
+    pub allowed_origins: Vec<String>,
+    /// Set at shutdown: new upgrades get 503.
+    pub draining: Arc<AtomicBool>,
+    open: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl ServerContext {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        session: SessionContext,
+        stream_path: String,
+        ws_config: WebSocketConfig,
+        handshake_timeout: Duration,
+        max_connections: usize,
+        max_connections_per_ip: usize,
+        api_keys: Vec<String>,
+        allowed_origins: Vec<String>,
+        draining: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            session,
+            stream_path,
+            ws_config,
+            handshake_timeout,
+            max_connections,
+            max_connections_per_ip,
+            api_keys,
+            allowed_origins,
+            draining,
+            open: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Client connections open now (upgraded or not).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts one open client connection against the limits while it lives.
+struct Admission {
+    ctx: Arc<ServerContext>,
+    ip: IpAddr,
+}
+
+impl Admission {
+    /// `Err(status, reason)` when a limit is reached.
+    fn try_new(ctx: &Arc<ServerContext>, ip: IpAddr) -> Result<Self, (StatusCode, &'static str)> {
+        let open = ctx.open.fetch_add(1, Ordering::AcqRel) + 1;
+        let admission = Self {
+            ctx: ctx.clone(),
+            ip,
+        };
+        {
+            let mut per_ip = match ctx.per_ip.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            *per_ip.entry(ip).or_insert(0) += 1;
+            if ctx.max_connections_per_ip > 0 && per_ip[&ip] > ctx.max_connections_per_ip {
+                return Err((
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many connections from this address",
+                ));
+            }
+        }
+        if open > ctx.max_connections {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "proxy at its connection limit",
+            ));
+        }
+        Ok(admission)
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.ctx.open.fetch_sub(1, Ordering::AcqRel);
+        let mut per_ip = match self.ctx.per_ip.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accept client connections until `stop` fires; each runs on `tracker`.
+pub async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<ServerContext>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly
+                    // instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        tracker.spawn(handle_connection(stream, peer, ctx.clone()));
+    }
+}
+
+type Pending = Arc<Mutex<Option<(hyper::upgrade::OnUpgrade, Map<String, Value>)>>>;
+
+async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerContext>) {
+    let _ = stream.set_nodelay(true);
+    let admission = Admission::try_new(&ctx, peer.ip());
+    let pending: Pending = Arc::new(Mutex::new(None));
+    let service = {
+        let ctx = ctx.clone();
+        let pending = pending.clone();
+        let refusal = admission.as_ref().err().copied();
+        service_fn(move |req| {
+            let response = respond(req, &ctx, refusal, &pending);
+            async move { Ok::<_, Infallible>(response) }
+        })
+    };
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.handshake_timeout)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let Ok(_admission) = admission else {
+        let _ = tokio::time::timeout(ctx.handshake_timeout, conn).await;
+        return;
+    };
+    match tokio::time::timeout(ctx.handshake_timeout, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "client connection ended before the upgrade");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "client handshake timed out");
+            return;
+        }
+    }
+    let taken = match pending.lock() {
+        Ok(mut g) => g.take(),
+        Err(p) => p.into_inner().take(),
+    };
+    let Some((on_upgrade, params)) = taken else {
+        return;
+    };
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => parts,
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TcpStream");
+            return;
+        }
+    };
+    let ws = WebSocketStream::from_partially_read(
+        parts.io.into_inner(),
+        parts.read_buf.to_vec(),
+        Role::Server,
+        Some(ctx.ws_config),
+    )
+    .await;
+    let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_os_rng();
+    let id = session::new_session_id(&mut rng);
+    tracing::debug!(%peer, session = %id, "session upgraded");
+    session::run(ws, params, ctx.session.clone(), id).await;
+}
+
+fn text_response(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{reason}\n"))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn refuse(ctx: &ServerContext, status: StatusCode, reason: &'static str) -> Response<Full<Bytes>> {
+    ctx.session
+        .metrics
+        .refused
+        .get_or_create(&OutcomeLabel {
+            outcome: match status.as_u16() {
+                400 => "bad_request",
+                401 => "unauthorized",
+                403 => "forbidden",
+                404 => "not_found",
+                426 => "not_websocket",
+                429 => "per_ip_limit",
+                _ => "unavailable",
+            },
+        })
+        .inc();
+    text_response(status, reason)
+}
+
+fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+fn authorized(req: &Request<Incoming>, keys: &[String]) -> bool {
+    if keys.is_empty() {
+        return true;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()));
+    presented.is_some_and(|p| {
+        keys.iter()
+            .any(|k| constant_time_eq(k.as_bytes(), p.as_bytes()))
+    })
+}
+
+/// Compare secrets without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn respond(
+    mut req: Request<Incoming>,
+    ctx: &ServerContext,
+    refusal: Option<(StatusCode, &'static str)>,
+    pending: &Pending,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() != ctx.stream_path {
+        return refuse(ctx, StatusCode::NOT_FOUND, "not found");
+    }
+    if req.method() != http::Method::GET {
+        return refuse(
+            ctx,
+            StatusCode::BAD_REQUEST,
+            "a websocket upgrade must be a GET",
+        );
+    }
+    if !header_has_token(&req, header::UPGRADE, "websocket") {
+        let mut r = refuse(
+            ctx,
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket upgrade required",
+        );
+        r.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        return r;
+    }
+    if !header_has_token(&req, header::CONNECTION, "upgrade") {
+        return refuse(ctx, StatusCode::BAD_REQUEST, "missing Connection: upgrade");
+    }
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut r = refuse(
+            ctx,
+            StatusCode::BAD_REQUEST,
+            "unsupported websocket version",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return r;
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return refuse(ctx, StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
+    if !authorized(&req, &ctx.api_keys) {
+        return refuse(
+            ctx,
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid credentials",
+        );
+    }
+    if !ctx.allowed_origins.is_empty() {
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok());
+        if !origin.is_some_and(|o| ctx.allowed_origins.iter().any(|a| a == o)) {
+            return refuse(ctx, StatusCode::FORBIDDEN, "origin not allowed");
+        }
+    }
+    if let Some((status, reason)) = refusal {
+        return refuse(ctx, status, reason);
+    }
+    if ctx.draining.load(Ordering::Acquire) {
+        return refuse(
+            ctx,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "proxy is shutting down",
+        );
+    }
+    let params: Map<String, Value> = req
+        .uri()
+        .query()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    match pending.lock() {
+        Ok(mut g) => *g = Some((on_upgrade, params)),
+        Err(p) => *p.into_inner() = Some((on_upgrade, params)),
+    }
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    r
+}
