@@ -1,5 +1,9 @@
 # Recipes mirror the README's cargo commands; they never replace them.
 
+# The one-command reproduction of the performance claims (report in reports/out/).
+repro *ARGS:
+    cargo repro {{ARGS}}
+
 # The whole test suite (unit, proptest, integration over 127.0.0.1).
 test:
     cargo test --workspace

@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (alive),
-//! `/readyz` (at least one healthy backend and not draining), `/pools` (JSON).
+//! `/readyz` (at least one healthy backend and not draining; its body also says
+//! whether the backend configuration is current or stale), `/pools` (JSON).
 //! It only reads pool snapshots; it never reaches into pool internals.
 
 use std::convert::Infallible;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backends::Backends;
+use crate::config::sync::SyncStatus;
 use crate::metrics::Metrics;
 
 /// What the admin endpoints read.
@@ -28,6 +30,8 @@ pub struct AdminContext {
     pub backends: Backends,
     pub metrics: Arc<Metrics>,
     pub draining: Arc<AtomicBool>,
+    /// The backend table's sync, when backends come from a database.
+    pub config: Option<Arc<SyncStatus>>,
 }
 
 /// Serve admin requests until `stop` fires.
@@ -83,16 +87,27 @@ fn route(req: &Request<Incoming>, ctx: &AdminContext) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => response(StatusCode::OK, TEXT, "ok\n".into()),
         "/readyz" => {
+            // A stale configuration does not make the proxy unready: it serves
+            // the last good one while its backends are healthy, and says so.
+            let config = ctx
+                .config
+                .as_ref()
+                .map(|c| format!("{}\n", c.describe()))
+                .unwrap_or_default();
             if ctx.draining.load(Ordering::Acquire) {
-                response(StatusCode::SERVICE_UNAVAILABLE, TEXT, "draining\n".into())
+                response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    format!("draining\n{config}"),
+                )
             } else if !ctx.backends.any_healthy() {
                 response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     TEXT,
-                    "no healthy backend\n".into(),
+                    format!("no healthy backend\n{config}"),
                 )
             } else {
-                response(StatusCode::OK, TEXT, "ready\n".into())
+                response(StatusCode::OK, TEXT, format!("ready\n{config}"))
             }
         }
         "/metrics" => match ctx.metrics.render() {
@@ -109,10 +124,11 @@ fn route(req: &Request<Incoming>, ctx: &AdminContext) -> Response<Full<Bytes>> {
         },
         "/pools" => {
             let views: Vec<_> = ctx.backends.all().iter().map(|b| b.view()).collect();
+            let retiring: Vec<_> = ctx.backends.retiring().iter().map(|b| b.view()).collect();
             response(
                 StatusCode::OK,
                 "application/json",
-                json!({ "backends": views }).to_string(),
+                json!({ "backends": views, "retiring": retiring }).to_string(),
             )
         }
         _ => response(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),

@@ -1,6 +1,7 @@
 //! Starting and stopping a whole proxy: listeners, backend pools and their
-//! tasks, and the graceful shutdown of DESIGN §8. Used by `main` and, in
-//! process, by the integration tests.
+//! tasks, the backend table's live sync (when a database is configured), and
+//! the graceful shutdown of DESIGN §8. Used by `main` and, in process, by the
+//! integration tests.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -16,6 +18,8 @@ use crate::backend::BackendPool;
 use crate::backend::conn::ws_config;
 use crate::backends::Backends;
 use crate::config::Settings;
+use crate::config::db::{Db, DbError, DbKind};
+use crate::config::sync::{ConfigSync, SyncStatus};
 use crate::metrics::Metrics;
 use crate::server::{self, ServerContext};
 use crate::session::SessionContext;
@@ -31,6 +35,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("backend table: {0}")]
+    Database(#[from] DbError),
     #[error("backend {id}: {source}")]
     Backend {
         id: String,
@@ -56,6 +62,10 @@ pub struct Proxy {
     background_stop: CancellationToken,
     sessions: TaskTracker,
     background: TaskTracker,
+    /// The backend table's sync (with a database).
+    config: Option<Arc<SyncStatus>>,
+    sync_stop: CancellationToken,
+    sync_task: Option<JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -90,18 +100,66 @@ impl Proxy {
         let background_stop = CancellationToken::new();
         let backends = Backends::default();
         let tuning = settings.pool_tuning();
-        let mut pools = Vec::new();
-        for (i, spec) in settings.backend_specs().iter().enumerate() {
-            let seed = rand::random::<u64>() ^ i as u64;
-            let pool = BackendPool::start(spec, &tuning, &background, &background_stop, seed)
-                .map_err(|source| StartError::Backend {
-                    id: spec.id.clone(),
-                    source,
-                })?;
-            pools.push(pool);
-        }
-        backends.set(pools);
-        let metrics = Metrics::new(backends.clone());
+        let sync_stop = CancellationToken::new();
+        let (metrics, config, sync_task) = match &settings.db {
+            None => {
+                // Fixed backends from the settings.
+                let mut pools = Vec::new();
+                for (i, spec) in settings.backend_specs().iter().enumerate() {
+                    let seed = rand::random::<u64>() ^ i as u64;
+                    let pool =
+                        BackendPool::start(spec, &tuning, &background, &background_stop, seed)
+                            .map_err(|source| StartError::Backend {
+                                id: spec.id.clone(),
+                                source,
+                            })?;
+                    pools.push(pool);
+                }
+                backends.set(pools);
+                (Metrics::new(backends.clone()), None, None)
+            }
+            Some(url) => {
+                let db = Db::connect_lazy(url)?;
+                let mut sync = ConfigSync::new(
+                    db,
+                    backends.clone(),
+                    tuning,
+                    background.clone(),
+                    background_stop.clone(),
+                    settings.sync_interval,
+                    settings.backend_specs(),
+                );
+                if let Err(e) = sync.sync_once().await {
+                    if sync.db().kind() == DbKind::Sqlite {
+                        // A local file: nothing to wait for.
+                        sync.db().close().await;
+                        return Err(StartError::Database(e));
+                    }
+                    // A shared database may come back: serve the settings'
+                    // backends meanwhile (none, usually: then /readyz says
+                    // 503) and keep retrying.
+                    tracing::error!(
+                        error = %e,
+                        "cannot read the backend table; starting with the settings' backends \
+                         and retrying"
+                    );
+                    sync.apply_fallback(settings.backend_specs());
+                }
+                let status = sync.status();
+                tracing::info!(
+                    db = %sync.db().display_url(),
+                    backends = backends.all().len(),
+                    interval = ?settings.sync_interval,
+                    "backends from the database, synced live"
+                );
+                let task = background.spawn(sync.run(sync_stop.clone()));
+                (
+                    Metrics::with_config_status(backends.clone(), status.clone()),
+                    Some(status),
+                    Some(task),
+                )
+            }
+        };
         let draining = Arc::new(AtomicBool::new(false));
         let sessions_stop = CancellationToken::new();
         let server = Arc::new(ServerContext::new(
@@ -133,6 +191,7 @@ impl Proxy {
                 backends: backends.clone(),
                 metrics: metrics.clone(),
                 draining: draining.clone(),
+                config: config.clone(),
             },
             background.clone(),
             background_stop.clone(),
@@ -150,6 +209,9 @@ impl Proxy {
             background_stop,
             sessions,
             background,
+            config,
+            sync_stop,
+            sync_task,
         })
     }
 
@@ -169,6 +231,11 @@ impl Proxy {
         &self.metrics
     }
 
+    /// The backend table's sync status, when backends come from a database.
+    pub fn config_status(&self) -> Option<&Arc<SyncStatus>> {
+        self.config.as_ref()
+    }
+
     pub fn open_connections(&self) -> usize {
         self.server.open_connections()
     }
@@ -180,6 +247,11 @@ impl Proxy {
     pub async fn shutdown(self) {
         self.draining.store(true, Ordering::Release);
         self.accept_stop.cancel();
+        // No configuration change applies from now on.
+        self.sync_stop.cancel();
+        if let Some(task) = self.sync_task {
+            let _ = task.await;
+        }
         self.sessions.close();
         if tokio::time::timeout(self.shutdown_grace, self.sessions.wait())
             .await
@@ -194,6 +266,9 @@ impl Proxy {
             self.sessions.wait().await;
         }
         for b in self.backends.all().iter() {
+            b.shutdown();
+        }
+        for b in self.backends.retiring() {
             b.shutdown();
         }
         self.background_stop.cancel();

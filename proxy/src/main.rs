@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sttproxy::backend::{BackendSpec, Reuse};
+use sttproxy::config::db::{BackendPatch, Db, DbUrl, RowRead};
 use sttproxy::config::{BackendEntry, LogFormat, Settings};
 
 #[derive(Parser, Debug)]
@@ -27,7 +29,99 @@ enum Command {
         "Every setting, with its default, as the settings file (--config) spells it:\n\n",
         include_str!("../sttproxy.example.toml")
     ))]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Manage the backend table (SQLite or PostgreSQL); running proxies apply
+    /// changes live.
+    #[command(subcommand)]
+    Backends(BackendsCommand),
+}
+
+/// Default sizes of `backends add` (those of `sttproxy serve`).
+const DEFAULT_TARGET: usize = 16;
+const DEFAULT_MAX: usize = 1024;
+
+#[derive(Args, Debug)]
+struct DbArg {
+    /// Backend table: sqlite://PATH or postgres://USER@HOST/DATABASE (created and migrated if needed).
+    #[arg(long, env = "STTPROXY_DB", value_name = "URL")]
+    db: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum BackendsCommand {
+    /// List the backends.
+    List {
+        #[command(flatten)]
+        db: DbArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ListFormat::Text)]
+        format: ListFormat,
+    },
+    /// Add a backend.
+    Add {
+        #[command(flatten)]
+        db: DbArg,
+        /// Backend WebSocket URL (ws:// or wss://).
+        #[arg(long, value_name = "WS_URL")]
+        url: String,
+        /// Unique id [default: the URL's host:port/path].
+        #[arg(long)]
+        id: Option<String>,
+        /// Connections the pool keeps ready.
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_TARGET)]
+        target: usize,
+        /// Hard maximum of connections [default: 1024, or --target if larger].
+        #[arg(long, value_name = "N")]
+        max: Option<usize>,
+        /// Routing weight relative to the other backends.
+        #[arg(long, value_name = "W", default_value_t = 1)]
+        weight: u32,
+        /// fenced: sessions fenced with session.start/session.end, connections
+        /// reused; none: each pre-warmed connection carries one session.
+        #[arg(long, value_enum, default_value_t = Reuse::Fenced)]
+        reuse: Reuse,
+    },
+    /// Change a backend's values (the others stay).
+    Set {
+        #[command(flatten)]
+        db: DbArg,
+        /// The backend's id.
+        id: String,
+        #[arg(long, value_name = "WS_URL")]
+        url: Option<String>,
+        #[arg(long, value_name = "N")]
+        target: Option<usize>,
+        #[arg(long, value_name = "N")]
+        max: Option<usize>,
+        #[arg(long, value_name = "W")]
+        weight: Option<u32>,
+        #[arg(long, value_enum)]
+        reuse: Option<Reuse>,
+    },
+    /// Remove a backend: its pool drains (sessions finish, then its connections close).
+    Remove {
+        #[command(flatten)]
+        db: DbArg,
+        id: String,
+    },
+    /// Enable a backend.
+    Enable {
+        #[command(flatten)]
+        db: DbArg,
+        id: String,
+    },
+    /// Disable a backend: like remove, but the row stays.
+    Disable {
+        #[command(flatten)]
+        db: DbArg,
+        id: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ListFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args, Debug)]
@@ -80,6 +174,15 @@ struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Backend table: sqlite://PATH, sqlite::memory: (a throwaway table seeded
+    /// from --backend on every start) or postgres://USER@HOST/DATABASE
+    /// [default: sqlite://<dir of --config, or the current dir>/sttproxy.db].
+    /// --backend and [[backends]] seed it only when it is empty on its first start.
+    #[arg(long, env = "STTPROXY_DB", value_name = "URL")]
+    db: Option<String>,
+    /// Poll the backend table this often, jittered ±10 % [default: 5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    sync_interval: Option<Duration>,
 }
 
 fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
@@ -102,8 +205,27 @@ fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
         idle_timeout,
         max_connections,
         max_message_size,
-        log_format
+        log_format,
+        sync_interval
     );
+    if let Some(db) = &args.db {
+        s.db = Some(db.clone());
+    }
+    if s.db.is_none() {
+        let dir = match &args.config {
+            Some(path) => path
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default(),
+            None => PathBuf::new(),
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            std::env::current_dir().context("finding the current directory")?
+        } else {
+            std::path::absolute(&dir).with_context(|| format!("resolving {}", dir.display()))?
+        };
+        s.db = Some(DbUrl::sqlite_file(&dir.join("sttproxy.db")));
+    }
     for url in &args.backends {
         s.backends.push(BackendEntry {
             url: url.clone(),
@@ -159,7 +281,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )?;
         out.flush()?;
     }
-    tracing::info!(backends = settings.backends.len(), "serving");
+    tracing::info!(backends = proxy.backends().all().len(), "serving");
     shutdown_signal().await?;
     tracing::info!(grace = ?settings.shutdown_grace, "shutting down");
     proxy.shutdown().await;
@@ -167,13 +289,208 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain on one line, whatever RUST_BACKTRACE says.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => runtime.block_on(serve(*args)),
+        Command::Backends(cmd) => runtime.block_on(backends(cmd)),
     }
+}
+
+async fn open(db: &DbArg) -> anyhow::Result<Db> {
+    Ok(Db::open(&db.db).await?)
+}
+
+async fn backends(cmd: BackendsCommand) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        BackendsCommand::List { db, format } => {
+            let db = open(&db).await?;
+            let rows = db.rows().await?;
+            db.close().await;
+            match format {
+                ListFormat::Json => {
+                    writeln!(out, "{}", list_json(&rows))?;
+                }
+                ListFormat::Text => write_table(&mut out, &rows)?,
+            }
+        }
+        BackendsCommand::Add {
+            db,
+            url,
+            id,
+            target,
+            max,
+            weight,
+            reuse,
+        } => {
+            let mut spec =
+                BackendSpec::from_url(&url, target, max.unwrap_or(DEFAULT_MAX.max(target)));
+            if let Some(max) = max {
+                spec.max_size = max;
+            }
+            if let Some(id) = id {
+                spec.id = id;
+            }
+            spec.weight = weight;
+            spec.reuse = reuse;
+            let db = open(&db).await?;
+            let added = db.add(&spec).await;
+            db.close().await;
+            added?;
+            writeln!(out, "added backend {}: {}", spec.id, describe(&spec))?;
+        }
+        BackendsCommand::Set {
+            db,
+            id,
+            url,
+            target,
+            max,
+            weight,
+            reuse,
+        } => {
+            let patch = BackendPatch {
+                url,
+                target_size: target,
+                max_size: max,
+                weight,
+                reuse,
+            };
+            if patch.is_empty() {
+                anyhow::bail!(
+                    "nothing to change: give at least one of --url, --target, --max, --weight, --reuse"
+                );
+            }
+            let db = open(&db).await?;
+            let updated = db.update(&id, &patch).await;
+            db.close().await;
+            let spec = updated?;
+            writeln!(out, "updated backend {id}: {}", describe(&spec))?;
+        }
+        BackendsCommand::Remove { db, id } => {
+            let db = open(&db).await?;
+            let r = db.remove(&id).await;
+            db.close().await;
+            r?;
+            writeln!(out, "removed backend {id}")?;
+        }
+        BackendsCommand::Enable { db, id } => {
+            let db = open(&db).await?;
+            let r = db.set_enabled(&id, true).await;
+            db.close().await;
+            r?;
+            writeln!(out, "enabled backend {id}")?;
+        }
+        BackendsCommand::Disable { db, id } => {
+            let db = open(&db).await?;
+            let r = db.set_enabled(&id, false).await;
+            db.close().await;
+            r?;
+            writeln!(out, "disabled backend {id}")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn describe(spec: &BackendSpec) -> String {
+    format!(
+        "url {}, target {}, max {}, weight {}, reuse {}{}",
+        spec.url,
+        spec.target_size,
+        spec.max_size,
+        spec.weight,
+        spec.reuse,
+        if spec.enabled { "" } else { ", disabled" }
+    )
+}
+
+/// `{"backends":[{id, url, target_size, max_size, weight, enabled, reuse,
+/// updated_at, error}]}`; `error` says why the proxy rejects a row (null if it
+/// does not).
+fn list_json(rows: &[RowRead]) -> serde_json::Value {
+    let items: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| match r {
+            Ok(row) => {
+                let mut v = serde_json::to_value(row).unwrap_or_default();
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert(
+                        "error".into(),
+                        row.to_spec()
+                            .err()
+                            .map_or(serde_json::Value::Null, Into::into),
+                    );
+                }
+                v
+            }
+            Err(u) => serde_json::json!({ "id": u.id, "error": u.reason }),
+        })
+        .collect();
+    serde_json::json!({ "backends": items })
+}
+
+fn write_table(out: &mut impl Write, rows: &[RowRead]) -> anyhow::Result<()> {
+    let header = [
+        "ID", "URL", "TARGET", "MAX", "WEIGHT", "ENABLED", "REUSE", "UPDATED",
+    ]
+    .map(String::from);
+    let mut lines: Vec<(Vec<String>, Option<String>)> = vec![(header.to_vec(), None)];
+    for r in rows {
+        match r {
+            Ok(row) => lines.push((
+                vec![
+                    row.id.clone(),
+                    row.url.clone(),
+                    row.target_size.to_string(),
+                    row.max_size.to_string(),
+                    row.weight.to_string(),
+                    if row.enabled { "yes" } else { "no" }.to_string(),
+                    row.reuse.clone(),
+                    row.updated_at.clone(),
+                ],
+                row.to_spec().err(),
+            )),
+            Err(u) => lines.push((vec![u.id.clone()], Some(u.reason.clone()))),
+        }
+    }
+    let mut widths = [0usize; 8];
+    for (cells, _) in &lines {
+        for (w, c) in widths.iter_mut().zip(cells) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    for (cells, error) in &lines {
+        let mut line = String::new();
+        for (i, (w, c)) in widths.iter().zip(cells).enumerate() {
+            if i + 1 == cells.len() {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        if let Some(e) = error {
+            line.push_str(&format!("  REJECTED: {e}"));
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    if rows.is_empty() {
+        writeln!(out, "(no backends)")?;
+    }
+    Ok(())
 }

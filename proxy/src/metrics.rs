@@ -19,6 +19,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::backends::Backends;
+use crate::config::sync::SyncStatus;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -53,7 +54,18 @@ pub const TO_CLIENT: DirectionLabel = DirectionLabel {
 };
 
 impl Metrics {
+    /// Metrics of a proxy with fixed backends.
     pub fn new(backends: Backends) -> Arc<Self> {
+        Self::build(backends, None)
+    }
+
+    /// Metrics of a proxy whose backends come from a database: adds the
+    /// configuration sync's freshness, failures and rejected rows.
+    pub fn with_config_status(backends: Backends, config: Arc<SyncStatus>) -> Arc<Self> {
+        Self::build(backends, Some(config))
+    }
+
+    fn build(backends: Backends, config: Option<Arc<SyncStatus>>) -> Arc<Self> {
         let mut registry = Registry::with_prefix("sttproxy");
         let m = Metrics {
             sessions: Family::default(),
@@ -113,6 +125,9 @@ impl Metrics {
             m.session_seconds.clone(),
         );
         registry.register_collector(Box::new(PoolCollector { backends }));
+        if let Some(status) = config {
+            registry.register_collector(Box::new(ConfigCollector { status }));
+        }
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -183,6 +198,15 @@ impl Collector for PoolCollector {
                 ConstCounter::new(pick(v) as u64).encode(family)?;
             }
         }
+        let retiring = self.backends.retiring().len();
+        ConstGauge::new(i64::try_from(retiring).unwrap_or(i64::MAX)).encode(
+            encoder.encode_descriptor(
+                "pools_retiring",
+                "Pools of removed, disabled or replaced backends still draining",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
         let mut metric = encoder.encode_descriptor(
             "health_check_failures",
             "Idle connections that failed a ping",
@@ -199,6 +223,62 @@ impl Collector for PoolCollector {
             )
             .encode(family)?;
         }
+        Ok(())
+    }
+}
+
+/// Reads the configuration sync's status at scrape time.
+#[derive(Debug)]
+struct ConfigCollector {
+    status: Arc<SyncStatus>,
+}
+
+impl Collector for ConfigCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let s = &self.status;
+        let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        ConstGauge::new(s.age().as_secs_f64()).encode(encoder.encode_descriptor(
+            "config_last_sync_age_seconds",
+            "Seconds since the backend table was last read successfully (since start if never)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(i64::from(s.is_stale())).encode(encoder.encode_descriptor(
+            "config_stale",
+            "1 while the backend table cannot be read and the last good configuration is served",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(s.version()).encode(encoder.encode_descriptor(
+            "config_version",
+            "Change counter of the backend table as last applied (-1 before the first sync)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(to_i64(s.rejected_rows())).encode(encoder.encode_descriptor(
+            "config_rejected_rows",
+            "Backend rows rejected by the last read of the table (invalid values)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstCounter::new(s.rejections_total()).encode(encoder.encode_descriptor(
+            "config_row_rejections",
+            "Backend rows rejected, summed over every read of the table",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(s.failures_total()).encode(encoder.encode_descriptor(
+            "config_sync_failures",
+            "Failed attempts to read the backend table",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(s.applies_total()).encode(encoder.encode_descriptor(
+            "config_applies",
+            "Changes of the backend table applied to the pools",
+            None,
+            MetricType::Counter,
+        )?)?;
         Ok(())
     }
 }

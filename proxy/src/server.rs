@@ -178,10 +178,12 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerC
             async move { Ok::<_, Infallible>(response) }
         })
     };
+    // Keep-alive stays on: without it hyper appends `close` to the 101's
+    // `Connection: Upgrade`, which strict clients (tungstenite) reject. The
+    // connection's whole HTTP phase is bounded by `handshake_timeout` below.
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(ctx.handshake_timeout)
-        .keep_alive(false)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     let Ok(_admission) = admission else {

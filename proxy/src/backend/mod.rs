@@ -16,7 +16,7 @@ pub use health::{Health, HealthThresholds};
 pub use pool::{BackendPool, PoolTuning};
 
 /// Whether a backend's connections are reused across sessions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Reuse {
     /// Sessions are fenced with `session.start` / `session.end` … `session.ended`,
@@ -50,6 +50,14 @@ impl FromStr for Reuse {
         }
     }
 }
+
+/// The largest `max_size` a backend may have: a pool's idle queue is allocated
+/// up front for its whole capacity, and the process's file descriptors run out
+/// long before this anyway.
+pub const MAX_POOL_SIZE: usize = 65_536;
+
+/// The longest backend id (it is a metrics label and a log field).
+pub const MAX_ID_LEN: usize = 200;
 
 /// One backend row: where it is and how big its pool should be.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +94,12 @@ impl BackendSpec {
         if self.id.is_empty() {
             return Err("empty id".into());
         }
+        if self.id.len() > MAX_ID_LEN {
+            return Err(format!("id longer than {MAX_ID_LEN} bytes"));
+        }
+        if self.id.chars().any(char::is_control) {
+            return Err("id contains control characters".into());
+        }
         conn::BackendAddr::parse(&self.url).map_err(|e| e.to_string())?;
         if self.max_size < self.target_size {
             return Err(format!(
@@ -95,6 +109,12 @@ impl BackendSpec {
         }
         if self.max_size == 0 {
             return Err("max_size is 0".into());
+        }
+        if self.max_size > MAX_POOL_SIZE {
+            return Err(format!(
+                "max_size {} is above the limit of {MAX_POOL_SIZE}",
+                self.max_size
+            ));
         }
         if self.weight == 0 {
             return Err("weight is 0".into());

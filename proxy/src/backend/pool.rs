@@ -161,9 +161,17 @@ impl BackendPool {
     }
 
     /// Retire: no new leases, idle connections close now, leased ones when their
-    /// sessions end; the tasks stop once nothing is live.
+    /// sessions end; the tasks stop once nothing is live (the reconcile worker
+    /// ends after a run that finds the drained pool empty, and cancels the
+    /// health checks as it goes; [`crate::backends::Backends::reap_retired`]
+    /// wakes it as soon as the last connection closed).
     pub fn retire(&self) {
         self.pool.drain();
+    }
+
+    /// Retired, and no connection is left (idle, leased or being dialed).
+    pub fn is_drained(&self) -> bool {
+        self.pool.is_draining() && self.pool.live() == 0
     }
 
     /// Stop the backend's tasks now and close its pool.

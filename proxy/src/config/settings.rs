@@ -1,5 +1,7 @@
 //! Static settings: a TOML file, every key optional with a production default
 //! (see `proxy/sttproxy.example.toml`), overridden by command-line flags.
+//! The backends themselves live in the database (see [`super::db`]); the
+//! file's `[[backends]]` only seed an empty database on its first start.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -89,8 +91,19 @@ pub struct Settings {
     /// Pool sizes for backends given without their own.
     pub default_target_size: usize,
     pub default_max_size: usize,
-    /// Backends (the database issue makes these the seed of the backend table).
+    /// Backends. With a database (`db`) they only seed an empty backend table
+    /// on its first start; without one they are the proxy's fixed backends.
     pub backends: Vec<BackendEntry>,
+    /// The backend table: `sqlite://PATH`, `sqlite::memory:` or
+    /// `postgres://USER@HOST/DB`. `None` (the library default) means no
+    /// database: the backends above, fixed. `sttproxy serve` defaults to
+    /// `sqlite://<dir of the settings file, or the current dir>/sttproxy.db`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db: Option<String>,
+    /// How often the backend table is polled for changes (jittered ±10 %),
+    /// the safety net under PostgreSQL's LISTEN/NOTIFY.
+    #[serde(with = "human_duration")]
+    pub sync_interval: Duration,
     /// `text` (human) or `json` logs.
     pub log_format: LogFormat,
 }
@@ -143,6 +156,8 @@ impl Default for Settings {
             default_target_size: 16,
             default_max_size: 1024,
             backends: Vec::new(),
+            db: None,
+            sync_interval: Duration::from_secs(5),
             log_format: LogFormat::Text,
         }
     }
@@ -188,6 +203,14 @@ impl Settings {
             return Err(ConfigError::Invalid(
                 "max_message_size must be at least 1024".into(),
             ));
+        }
+        if self.sync_interval < Duration::from_millis(50) {
+            return Err(ConfigError::Invalid(
+                "sync_interval must be at least 50ms".into(),
+            ));
+        }
+        if let Some(url) = &self.db {
+            super::db::DbUrl::parse(url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         for spec in self.backend_specs() {
             spec.validate().map_err(|reason| ConfigError::Backend {
@@ -261,12 +284,14 @@ mod tests {
 
     #[test]
     fn the_example_file_parses_and_matches_the_defaults() {
-        let text = include_str!("../sttproxy.example.toml");
+        let text = include_str!("../../sttproxy.example.toml");
         let parsed: Settings = toml::from_str(text).unwrap();
         let defaults = Settings::default();
         assert_eq!(parsed.listen, defaults.listen);
         assert_eq!(parsed.acquire_timeout, defaults.acquire_timeout);
         assert_eq!(parsed.health_interval, defaults.health_interval);
+        assert_eq!(parsed.sync_interval, defaults.sync_interval);
+        assert_eq!(parsed.db, None);
         assert_eq!(parsed.backends.len(), 3);
         parsed.validate().unwrap();
     }

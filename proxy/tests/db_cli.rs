@@ -1,0 +1,471 @@
+//! `sttproxy backends list|add|set|remove|enable|disable` (the binary) against a
+//! temporary SQLite file and, where one answers, a fresh PostgreSQL database;
+//! and `sttproxy serve` with its default SQLite table, seeding, and a bad row
+//! rejected with a clear log line and a metric.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod db_support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use db_support::*;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sttproxy");
+
+/// Run `sttproxy backends ARGS --db DB`: (success, stdout, stderr).
+fn backends(db: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .arg("backends")
+        .args(args)
+        .args(["--db", db])
+        .env_remove("STTPROXY_DB")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(db: &str, args: &[&str]) -> String {
+    let (success, out, err) = backends(db, args);
+    assert!(success, "sttproxy backends {args:?} failed: {err}");
+    out
+}
+
+fn fails(db: &str, args: &[&str], message: &str) {
+    let (success, out, err) = backends(db, args);
+    assert!(
+        !success,
+        "sttproxy backends {args:?} should fail, printed {out}"
+    );
+    assert!(
+        err.contains(message),
+        "sttproxy backends {args:?}: expected {message:?} in {err:?}"
+    );
+    assert!(!err.contains("Stack backtrace"), "{err}");
+}
+
+fn list(db: &str) -> Vec<Value> {
+    let out = ok(db, &["list", "--format", "json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["backends"].as_array().unwrap().clone()
+}
+
+/// Every subcommand, its errors, both output formats.
+fn exercise(db: &str) {
+    assert!(list(db).is_empty());
+    assert!(ok(db, &["list"]).contains("(no backends)"));
+
+    let out = ok(db, &["add", "--url", "ws://127.0.0.1:9001"]);
+    assert!(out.contains("added backend 127.0.0.1:9001"), "{out}");
+    ok(
+        db,
+        &[
+            "add",
+            "--url",
+            "ws://127.0.0.1:9002/v1",
+            "--id",
+            "gpu-2",
+            "--target",
+            "4",
+            "--max",
+            "8",
+            "--weight",
+            "3",
+            "--reuse",
+            "none",
+        ],
+    );
+    let rows = list(db);
+    assert_eq!(rows.len(), 2);
+    let default = &rows[0];
+    assert_eq!(default["id"], "127.0.0.1:9001");
+    assert_eq!(default["url"], "ws://127.0.0.1:9001");
+    assert_eq!(default["target_size"], 16);
+    assert_eq!(default["max_size"], 1024);
+    assert_eq!(default["weight"], 1);
+    assert_eq!(default["enabled"], true);
+    assert_eq!(default["reuse"], "fenced");
+    assert_eq!(default["error"], Value::Null);
+    let gpu = &rows[1];
+    assert_eq!(
+        (
+            gpu["id"].as_str(),
+            gpu["target_size"].as_i64(),
+            gpu["max_size"].as_i64()
+        ),
+        (Some("gpu-2"), Some(4), Some(8))
+    );
+    assert_eq!(
+        (gpu["weight"].as_i64(), gpu["reuse"].as_str()),
+        (Some(3), Some("none"))
+    );
+    assert!(gpu["updated_at"].as_str().is_some_and(|t| t.len() >= 19));
+
+    // Errors: duplicate id, invalid values, unknown ids.
+    fails(
+        db,
+        &["add", "--url", "ws://127.0.0.1:9009", "--id", "gpu-2"],
+        "already exists",
+    );
+    fails(
+        db,
+        &[
+            "add",
+            "--url",
+            "ws://127.0.0.1:9009",
+            "--target",
+            "8",
+            "--max",
+            "4",
+        ],
+        "max_size 4 < target_size 8",
+    );
+    fails(
+        db,
+        &["add", "--url", "http://127.0.0.1:9009"],
+        "127.0.0.1:9009",
+    );
+    fails(
+        db,
+        &["add", "--url", "ws://127.0.0.1:9009", "--target", "-1"],
+        "-1",
+    );
+    fails(
+        db,
+        &["add", "--url", "ws://127.0.0.1:9009", "--weight", "0"],
+        "weight is 0",
+    );
+    fails(
+        db,
+        &[
+            "add",
+            "--url",
+            "ws://127.0.0.1:9009",
+            "--reuse",
+            "sometimes",
+        ],
+        "sometimes",
+    );
+    fails(
+        db,
+        &["set", "nope", "--target", "1"],
+        "no backend with id \"nope\"",
+    );
+    fails(
+        db,
+        &["set", "gpu-2", "--max", "2"],
+        "max_size 2 < target_size 4",
+    );
+    fails(db, &["set", "gpu-2"], "nothing to change");
+    fails(db, &["remove", "nope"], "no backend with id \"nope\"");
+    fails(db, &["enable", "nope"], "no backend with id \"nope\"");
+    fails(db, &["disable", "nope"], "no backend with id \"nope\"");
+    assert_eq!(list(db).len(), 2, "failed commands changed nothing");
+
+    // set changes only what it is given.
+    let out = ok(db, &["set", "gpu-2", "--target", "6", "--reuse", "fenced"]);
+    assert!(out.contains("updated backend gpu-2"), "{out}");
+    let gpu = list(db)[1].clone();
+    assert_eq!(
+        (gpu["target_size"].as_i64(), gpu["max_size"].as_i64()),
+        (Some(6), Some(8))
+    );
+    assert_eq!(
+        (gpu["weight"].as_i64(), gpu["reuse"].as_str()),
+        (Some(3), Some("fenced"))
+    );
+    ok(
+        db,
+        &[
+            "set",
+            "gpu-2",
+            "--url",
+            "wss://gpu2.example:443/stt",
+            "--max",
+            "64",
+            "--weight",
+            "1",
+        ],
+    );
+    let gpu = list(db)[1].clone();
+    assert_eq!(gpu["url"], "wss://gpu2.example:443/stt");
+    assert_eq!(
+        (gpu["max_size"].as_i64(), gpu["weight"].as_i64()),
+        (Some(64), Some(1))
+    );
+
+    // disable / enable / remove.
+    assert!(ok(db, &["disable", "gpu-2"]).contains("disabled backend gpu-2"));
+    assert_eq!(list(db)[1]["enabled"], false);
+    let text = ok(db, &["list"]);
+    assert!(text.lines().next().unwrap().starts_with("ID"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("gpu-2") && l.contains(" no ")),
+        "{text}"
+    );
+    ok(db, &["enable", "gpu-2"]);
+    assert_eq!(list(db)[1]["enabled"], true);
+    assert!(ok(db, &["remove", "127.0.0.1:9001"]).contains("removed backend 127.0.0.1:9001"));
+    let rows = list(db);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["id"], "gpu-2");
+}
+
+#[test]
+fn backends_subcommands_on_sqlite() {
+    let dir = TempDir::new("cli");
+    let db = dir.sqlite_url("cli.db");
+    exercise(&db);
+    assert!(dir.path().join("cli.db").exists());
+    // A row the proxy would reject is listed with the reason.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut c = sqlx::SqliteConnection::connect(&db).await.unwrap();
+        sqlx::query("INSERT INTO backends (id, url, target_size, max_size) VALUES ('bad', 'ws://h:1', 8, 2)")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+    });
+    let bad = list(&db).into_iter().find(|r| r["id"] == "bad").unwrap();
+    assert_eq!(bad["error"], "max_size 2 < target_size 8");
+    assert!(ok(&db, &["list"]).contains("REJECTED: max_size 2 < target_size 8"));
+    fails("mysql://127.0.0.1/x", &["list"], "unsupported database URL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_subcommands_on_postgres() {
+    let Some(pg) = pg_db("cli").await else { return };
+    let url = pg.url.clone();
+    tokio::task::spawn_blocking(move || exercise(&url))
+        .await
+        .unwrap();
+    pg.drop_db().await;
+}
+
+/// A running `sttproxy serve` and what it printed on stderr.
+struct Serve {
+    child: Child,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Serve {
+    fn start(args: &[&str], dir: &std::path::Path) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(args)
+            .current_dir(dir)
+            .env_remove("STTPROXY_DB")
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        {
+            let lines = stderr.clone();
+            let err = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        // The first stdout line, read on a thread so that a proxy that never
+        // prints it fails the test instead of hanging it.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut first = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut first);
+            let _ = tx.send(first);
+        });
+        let first = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        // "sttproxy listening on ws://ADDR, admin on http://ADDR"
+        let addr = |prefix: &str| -> SocketAddr {
+            let start = first.find(prefix).unwrap_or_else(|| {
+                panic!(
+                    "no {prefix} in {first:?}; stderr: {:?}",
+                    stderr.lock().unwrap()
+                )
+            }) + prefix.len();
+            first[start..]
+                .split([',', '\n'])
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let (listen, admin) = (addr("ws://"), addr("http://"));
+        Self {
+            child,
+            listen,
+            admin,
+            stderr,
+        }
+    }
+
+    fn logged(&self, needle: &str) -> Option<String> {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains(needle))
+            .cloned()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `sttproxy serve --config DIR/FILE` keeps its table in DIR/sttproxy.db,
+/// seeded from the file's [[backends]]; `backends` edits reach it live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_defaults_to_sqlite_next_to_the_settings_file() {
+    bounded(Duration::from_secs(60), async {
+        let dir = TempDir::new("serve");
+        let conf_dir = dir.path().join("etc");
+        std::fs::create_dir_all(&conf_dir).unwrap();
+        let a = echo().await;
+        let b = echo().await;
+        std::fs::write(
+            conf_dir.join("sttproxy.toml"),
+            format!(
+                "sync_interval = \"200ms\"\n[[backends]]\nid = \"a\"\nurl = \"{}\"\ntarget_size = 1\nmax_size = 4\n",
+                a.url()
+            ),
+        )
+        .unwrap();
+        let serve = Serve::start(&["--config", "etc/sttproxy.toml"], dir.path());
+        let db_file = conf_dir.join("sttproxy.db");
+        assert!(db_file.exists(), "no {}", db_file.display());
+        assert_eq!(ids(&pools(serve.admin).await), ["a"]);
+        assert!(serve.logged("seeded the empty backend table").is_some());
+        short_session(serve.listen).await.unwrap();
+
+        let db = sttproxy::config::db::DbUrl::sqlite_file(&db_file);
+        let b_url = b.url();
+        let db2 = db.clone();
+        tokio::task::spawn_blocking(move || {
+            ok(&db2, &["add", "--url", &b_url, "--id", "b", "--target", "1", "--max", "2"])
+        })
+        .await
+        .unwrap();
+        eventually(Duration::from_secs(3), "b added live", || async {
+            ids(&pools(serve.admin).await) == ["a", "b"]
+        })
+        .await;
+        drop(serve);
+
+        // Restarted with other seed flags, the table stays as it is.
+        let serve = Serve::start(
+            &["--config", "etc/sttproxy.toml", "--backend", "ws://127.0.0.1:1"],
+            dir.path(),
+        );
+        assert_eq!(ids(&pools(serve.admin).await), ["a", "b"]);
+        eventually(Duration::from_secs(3), "the ignored seeds are logged", || async {
+            serve.logged("only seed an empty table").is_some()
+        })
+        .await;
+        drop(serve);
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}
+
+/// A row with max_size < target_size is rejected with a clear log line and a
+/// metric; the other rows apply; fixed with `backends set`, it applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_rejects_a_bad_row_and_applies_the_rest() {
+    bounded(Duration::from_secs(60), async {
+        let dir = TempDir::new("badrow");
+        let db = dir.sqlite_url("backends.db");
+        let a = echo().await;
+        let b = echo().await;
+        let (db1, a_url) = (db.clone(), a.url());
+        tokio::task::spawn_blocking(move || {
+            ok(
+                &db1,
+                &[
+                    "add", "--url", &a_url, "--id", "good", "--target", "1", "--max", "2",
+                ],
+            );
+        })
+        .await
+        .unwrap();
+        {
+            use sqlx::Connection;
+            let mut c = sqlx::SqliteConnection::connect(&db).await.unwrap();
+            sqlx::query(
+                "INSERT INTO backends (id, url, target_size, max_size) VALUES ('bad', $1, 8, 2)",
+            )
+            .bind(b.url())
+            .execute(&mut c)
+            .await
+            .unwrap();
+            c.close().await.unwrap();
+        }
+        let serve = Serve::start(&["--db", &db, "--sync-interval", "200ms"], dir.path());
+        assert_eq!(ids(&pools(serve.admin).await), ["good"]);
+        assert_eq!(
+            metric(serve.admin, "sttproxy_config_rejected_rows").await,
+            Some(1.0)
+        );
+        assert!(
+            metric(serve.admin, "sttproxy_config_row_rejections_total")
+                .await
+                .unwrap()
+                >= 1.0
+        );
+        let line = serve
+            .logged("rejected backend row")
+            .expect("a log line for the bad row");
+        assert!(
+            line.contains("bad") && line.contains("max_size 2 < target_size 8"),
+            "{line}"
+        );
+        assert!(line.contains("WARN"), "{line}");
+        short_session(serve.listen).await.unwrap();
+
+        let db2 = db.clone();
+        tokio::task::spawn_blocking(move || ok(&db2, &["set", "bad", "--max", "8"]))
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(3), "the fixed row applies", || async {
+            ids(&pools(serve.admin).await) == ["bad", "good"]
+        })
+        .await;
+        assert_eq!(
+            metric(serve.admin, "sttproxy_config_rejected_rows").await,
+            Some(0.0)
+        );
+        drop(serve);
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,609 @@
+//! Shared by the `db_*` integration tests: a temporary SQLite file, a fresh
+//! PostgreSQL database per test (skipped where none answers, unless
+//! `REQUIRE_POSTGRES=1`), echo backends, a proxy in process, a streaming
+//! WebSocket client that checks every echo, raw HTTP to the admin listener,
+//! a TCP forwarder to cut a database off, and bounded polling.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use sqlx::Connection;
+use sttproxy::backend::{BackendSpec, Reuse};
+use sttproxy::config::Settings;
+use sttproxy::config::db::DbUrl;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+
+/// Where CI's PostgreSQL is when `DATABASE_URL` is not set.
+pub const PG_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// Logs for tests: `RUST_LOG` honoured (default `warn`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// Run a whole test body within `limit`.
+pub async fn bounded<F: Future>(limit: Duration, f: F) -> F::Output {
+    match tokio::time::timeout(limit, f).await {
+        Ok(out) => out,
+        Err(_) => panic!("test did not finish within {limit:?}"),
+    }
+}
+
+/// Poll `cond` every 10 ms until it holds; panic naming `what` after `limit`.
+/// Returns how long it took.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if cond().await {
+            return started.elapsed();
+        }
+        if started.elapsed() >= limit {
+            panic!("not reached within {limit:?}: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn unique() -> u64 {
+    COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "sttproxy-{tag}-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// `sqlite://` URL of a database file in this directory.
+    pub fn sqlite_url(&self, file: &str) -> String {
+        DbUrl::sqlite_file(&self.0.join(file))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A PostgreSQL database made for one test; [`PgTestDb::drop_db`] removes it.
+#[derive(Debug)]
+pub struct PgTestDb {
+    pub url: String,
+    pub name: String,
+    admin_url: String,
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| PG_DEFAULT.to_string())
+}
+
+/// `url` with its database name replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_start..].find('/') {
+        Some(i) => &base[..authority_start + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+/// `url` with its host and port replaced by `addr`.
+pub fn with_host(url: &str, addr: SocketAddr) -> String {
+    let authority_start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[authority_start..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let userinfo = authority
+        .rfind('@')
+        .map(|at| &authority[..=at])
+        .unwrap_or("");
+    format!(
+        "{}{userinfo}{addr}{}",
+        &url[..authority_start],
+        &rest[authority_end..]
+    )
+}
+
+/// The address of the PostgreSQL server in `url` (host:port, port 5432 by default).
+pub fn pg_addr(url: &str) -> SocketAddr {
+    let authority_start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[authority_start..];
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let host_port = authority
+        .rfind('@')
+        .map_or(authority, |at| &authority[at + 1..]);
+    let host_port = if host_port.contains(':') {
+        host_port.to_string()
+    } else {
+        format!("{host_port}:5432")
+    };
+    let host_port = host_port.replace("localhost", "127.0.0.1");
+    host_port.parse().unwrap()
+}
+
+/// A fresh database for `test` on the PostgreSQL at `DATABASE_URL`, or `None`
+/// (with the reason printed) where no PostgreSQL answers. With
+/// `REQUIRE_POSTGRES=1` a missing PostgreSQL fails the test instead.
+pub async fn pg_db(test: &str) -> Option<PgTestDb> {
+    let admin_url = pg_admin_url();
+    let connected = tokio::time::timeout(
+        Duration::from_secs(5),
+        sqlx::PgConnection::connect(&admin_url),
+    )
+    .await;
+    let mut conn = match connected {
+        Ok(Ok(c)) => c,
+        other => {
+            let why = match other {
+                Ok(Err(e)) => e.to_string(),
+                _ => "no answer within 5s".to_string(),
+            };
+            if std::env::var("REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+                panic!("REQUIRE_POSTGRES=1 but PostgreSQL at {admin_url} is not usable: {why}");
+            }
+            eprintln!(
+                "skipping {test}: no PostgreSQL at {admin_url} ({why}); set DATABASE_URL, \
+                 or REQUIRE_POSTGRES=1 to make this a failure"
+            );
+            return None;
+        }
+    };
+    sweep_stale_databases(&mut conn).await;
+    let name = format!(
+        "sttproxy_t_{}_{}_{}",
+        std::process::id(),
+        unique(),
+        test.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(24)
+            .collect::<String>()
+    )
+    .to_lowercase();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let _ = conn.close().await;
+    Some(PgTestDb {
+        url: with_database(&admin_url, &name),
+        name,
+        admin_url,
+    })
+}
+
+/// Drop test databases left behind by test processes that no longer run.
+async fn sweep_stale_databases(conn: &mut sqlx::PgConnection) {
+    let Ok(names) = sqlx::query_scalar::<_, String>(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'sttproxy\\_t\\_%'",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    else {
+        return;
+    };
+    for name in names {
+        let pid = name.split('_').nth(3).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+            )))
+            .execute(&mut *conn)
+            .await;
+        }
+    }
+}
+
+impl PgTestDb {
+    pub async fn drop_db(self) {
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            )))
+            .execute(&mut conn)
+            .await;
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// Proxy settings for tests: ephemeral ports on 127.0.0.1, the backend table
+/// at `db`, polled every `sync_interval`.
+pub fn settings(db: &str, sync_interval: Duration) -> Settings {
+    Settings {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+        acquire_timeout: Duration::from_secs(5),
+        drain_timeout: Duration::from_secs(5),
+        shutdown_grace: Duration::from_secs(5),
+        reconcile_interval: Duration::from_secs(1),
+        backend_connect_timeout: Duration::from_secs(2),
+        backend_handshake_timeout: Duration::from_secs(2),
+        db: Some(db.to_string()),
+        sync_interval,
+        ..Settings::default()
+    }
+}
+
+/// A backend spec for an echo backend.
+pub fn spec(id: &str, url: &str, target: usize, max: usize) -> BackendSpec {
+    BackendSpec {
+        id: id.to_string(),
+        url: url.to_string(),
+        target_size: target,
+        max_size: max,
+        weight: 1,
+        enabled: true,
+        reuse: Reuse::Fenced,
+    }
+}
+
+pub async fn echo() -> echo_backend::EchoBackend {
+    echo_backend::spawn(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        echo_backend::Config::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// `GET path` over plain HTTP/1.1: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// `GET /pools`, parsed.
+pub async fn pools(admin: SocketAddr) -> Value {
+    let (status, body) = http_get(admin, "/pools").await;
+    assert_eq!(status, 200, "/pools: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The `/pools` entry of backend `id` among the routed backends.
+pub fn pool<'a>(pools: &'a Value, id: &str) -> Option<&'a Value> {
+    pools["backends"].as_array()?.iter().find(|b| b["id"] == id)
+}
+
+/// A number field of a `/pools` entry.
+pub fn field(pool: &Value, name: &str) -> u64 {
+    pool[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in {pool}"))
+}
+
+/// The ids of the routed backends.
+pub fn ids(pools: &Value) -> Vec<String> {
+    pools["backends"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| b["id"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The value of an unlabelled metric in `/metrics`.
+pub async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = http_get(admin, "/metrics").await;
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// One streaming client session's result.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Streamed {
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// A client session that streams one small binary message every `period`
+/// until `stop` fires, then ends gracefully (`session.end`, then
+/// `session.ended` and close 1000). Every echo must come back, in order, and
+/// nothing may end the session early. `connected` is bumped once the first
+/// echo came back (the session holds a backend connection).
+pub async fn stream_session(
+    listen: SocketAddr,
+    tag: u32,
+    period: Duration,
+    stop: CancellationToken,
+    connected: Arc<AtomicUsize>,
+) -> Result<Streamed, String> {
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(format!("ws://{listen}/v1/stream")),
+    )
+    .await
+    .map_err(|_| format!("session {tag}: connect timed out"))?
+    .map_err(|e| format!("session {tag}: connect: {e}"))?;
+    let (mut tx, mut rx) = ws.split();
+    let mut sent: u64 = 0;
+    let mut received: u64 = 0;
+    let mut ticker = tokio::time::interval(period);
+    let payload = |seq: u64| {
+        let mut p = Vec::with_capacity(64);
+        p.extend_from_slice(&tag.to_be_bytes());
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.resize(64, 0xA5);
+        p
+    };
+    let check = |data: &[u8], expected: u64| -> Result<(), String> {
+        let got_tag = u32::from_be_bytes(data[..4].try_into().map_err(|_| "short echo")?);
+        let got_seq = u64::from_be_bytes(data[4..12].try_into().map_err(|_| "short echo")?);
+        if got_tag != tag || got_seq != expected {
+            return Err(format!(
+                "session {tag}: echo out of order or foreign: got ({got_tag}, {got_seq}), expected ({tag}, {expected})"
+            ));
+        }
+        Ok(())
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = ticker.tick() => {
+                tx.send(Message::binary(payload(sent)))
+                    .await
+                    .map_err(|e| format!("session {tag}: send: {e}"))?;
+                sent += 1;
+            }
+            msg = rx.next() => match msg {
+                Some(Ok(Message::Binary(data))) => {
+                    check(&data, received)?;
+                    received += 1;
+                    if received == 1 {
+                        connected.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                Some(Ok(Message::Text(t))) if t.contains("session.started") => {}
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                other => return Err(format!("session {tag}: ended early: {other:?}")),
+            }
+        }
+    }
+    tx.send(Message::text(r#"{"type":"session.end"}"#))
+        .await
+        .map_err(|e| format!("session {tag}: send session.end: {e}"))?;
+    let mut ended = false;
+    let finish = async {
+        loop {
+            match rx.next().await {
+                Some(Ok(Message::Binary(data))) => {
+                    check(&data, received)?;
+                    received += 1;
+                }
+                Some(Ok(Message::Text(t))) if t.contains("session.ended") => ended = true,
+                Some(Ok(
+                    Message::Text(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_),
+                )) => {}
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map(|f| f.code);
+                    if code != Some(CloseCode::Normal) {
+                        return Err(format!("session {tag}: closed with {code:?}"));
+                    }
+                    return Ok(());
+                }
+                None => return Err(format!("session {tag}: no close frame")),
+                Some(Err(e)) => return Err(format!("session {tag}: {e}")),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), finish)
+        .await
+        .map_err(|_| format!("session {tag}: no close within 10s of session.end"))??;
+    if !ended {
+        return Err(format!("session {tag}: no session.ended"));
+    }
+    if received != sent {
+        return Err(format!("session {tag}: sent {sent}, received {received}"));
+    }
+    Ok(Streamed { sent, received })
+}
+
+/// One short session: a message, its echo, a graceful end.
+pub async fn short_session(listen: SocketAddr) -> Result<(), String> {
+    let stop = CancellationToken::new();
+    let connected = Arc::new(AtomicUsize::new(0));
+    let task = tokio::spawn(stream_session(
+        listen,
+        u32::MAX,
+        Duration::from_millis(5),
+        stop.clone(),
+        connected.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while connected.load(Ordering::SeqCst) == 0 && Instant::now() < deadline && !task.is_finished()
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop.cancel();
+    task.await.map_err(|e| e.to_string())?.map(|_| ())
+}
+
+/// Streaming sessions started together and stopped together.
+pub struct SessionGroup {
+    pub stop: CancellationToken,
+    pub connected: Arc<AtomicUsize>,
+    tasks: JoinSet<Result<Streamed, String>>,
+    pub n: usize,
+}
+
+impl SessionGroup {
+    pub fn start(listen: SocketAddr, first_tag: u32, n: usize, period: Duration) -> Self {
+        let stop = CancellationToken::new();
+        let connected = Arc::new(AtomicUsize::new(0));
+        let mut tasks = JoinSet::new();
+        for i in 0..n {
+            tasks.spawn(stream_session(
+                listen,
+                first_tag + i as u32,
+                period,
+                stop.clone(),
+                connected.clone(),
+            ));
+        }
+        Self {
+            stop,
+            connected,
+            tasks,
+            n,
+        }
+    }
+
+    /// Wait until every session got its first echo.
+    pub async fn wait_connected(&self, limit: Duration) {
+        let c = self.connected.clone();
+        let n = self.n;
+        eventually(limit, "every session streaming", || {
+            let c = c.clone();
+            async move { c.load(Ordering::SeqCst) == n }
+        })
+        .await;
+    }
+
+    /// End every session gracefully; each must have lost nothing.
+    pub async fn finish(mut self) -> Vec<Streamed> {
+        self.stop.cancel();
+        let mut out = Vec::new();
+        while let Some(r) = self.tasks.join_next().await {
+            match r.unwrap() {
+                Ok(s) => out.push(s),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        out
+    }
+}
+
+/// A TCP forwarder to `target`: stopping it cuts every forwarded connection
+/// (the database seems gone to whoever uses it); it can start again on the
+/// same port.
+pub struct Forwarder {
+    pub addr: SocketAddr,
+    target: SocketAddr,
+    tasks: Option<JoinSet<()>>,
+    stop: CancellationToken,
+}
+
+impl Forwarder {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut f = Self {
+            addr,
+            target,
+            tasks: None,
+            stop: CancellationToken::new(),
+        };
+        f.serve(listener);
+        f
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let stop = CancellationToken::new();
+        self.stop = stop.clone();
+        let target = self.target;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    accepted = listener.accept() => {
+                        let Ok((mut inbound, _)) = accepted else { continue };
+                        conns.spawn(async move {
+                            if let Ok(mut outbound) = TcpStream::connect(target).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            }
+                        });
+                    }
+                }
+            }
+            // Dropping the set aborts every forwarded connection.
+            conns.abort_all();
+            while conns.join_next().await.is_some() {}
+        });
+        self.tasks = Some(tasks);
+    }
+
+    /// Stop listening and cut every connection.
+    pub async fn stop(&mut self) {
+        self.stop.cancel();
+        if let Some(mut tasks) = self.tasks.take() {
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+
+    /// Listen again on the same port.
+    pub async fn restart(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
+    }
+}

@@ -1,0 +1,51 @@
+//! `cargo repro [--quick] [--scenario NAME] [--out DIR]`: the one-command
+//! reproduction. The last line printed is the report directory.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use reports::repro::{self, Options, SCENARIOS};
+
+#[derive(Parser, Debug)]
+#[command(name = "repro", about = "Reproduce sttproxy's performance claims and write a report with charts")]
+struct Args {
+    /// The 10-second, 300-session version (same as --scenario quick).
+    #[arg(long)]
+    quick: bool,
+    /// Scenario: reference (default), quick, seed, stt, idle-3000.
+    #[arg(long, default_value = "reference")]
+    scenario: String,
+    /// Report directory [default: reports/out/<UTC timestamp>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Use the release binaries already built (skip `cargo build --release`).
+    #[arg(long)]
+    no_build: bool,
+    /// List the scenarios and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.list {
+        for s in SCENARIOS {
+            println!("{:<10} {}", s.name, s.about);
+        }
+        return Ok(());
+    }
+    reports::procs::stop_children_on_interrupt()?;
+    let name = if args.quick { "quick" } else { args.scenario.as_str() };
+    let opts = Options {
+        scenario: repro::scenario(name)?,
+        out: args.out,
+        no_build: args.no_build,
+        command: std::iter::once("cargo repro".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    let dir = repro::run(&opts)?;
+    println!("{}", dir.display());
+    Ok(())
+}

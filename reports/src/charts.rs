@@ -1,0 +1,213 @@
+//! Charts with plotters: each chart is drawn once per backend, as SVG (inline
+//! in report.html, no font needed) and as PNG (text with the DejaVu Sans file
+//! shipped in `reports/assets`, so no system fontconfig is needed).
+
+use std::path::Path;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+const SIZE: (u32, u32) = (960, 480);
+
+/// Make the bundled font the one PNG text is drawn with. Idempotent.
+pub fn register_font() -> anyhow::Result<()> {
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| anyhow::anyhow!("the bundled font could not be loaded"))
+}
+
+/// A system's colour, the same in every chart.
+pub fn color_of(system: &str) -> RGBColor {
+    match system {
+        s if s.starts_with("sttproxy") => RGBColor(0xd5, 0x5e, 0x00),
+        s if s.starts_with("python") => RGBColor(0x00, 0x72, 0xb2),
+        s if s.starts_with("nginx") => RGBColor(0x00, 0x9e, 0x73),
+        s if s.contains("Go") => RGBColor(0x56, 0xb4, 0xe9),
+        s if s.contains("Python") => RGBColor(0xcc, 0x79, 0xa7),
+        _ => RGBColor(0x55, 0x55, 0x55),
+    }
+}
+
+/// One named series of (x, y) points.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A chart that can draw itself on any plotters backend.
+pub trait Chart {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> anyhow::Result<()>;
+}
+
+/// Render `chart` to `<dir>/<name>.svg` and `<dir>/<name>.png`; returns the SVG text.
+pub fn render(chart: &impl Chart, dir: &Path, name: &str) -> anyhow::Result<String> {
+    let mut svg = String::new();
+    {
+        let area = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        chart.draw(&area)?;
+        area.present().map_err(|e| anyhow::anyhow!("svg {name}: {e}"))?;
+    }
+    std::fs::write(dir.join(format!("{name}.svg")), &svg)?;
+    let png = dir.join(format!("{name}.png"));
+    {
+        let area = BitMapBackend::new(&png, SIZE).into_drawing_area();
+        chart.draw(&area)?;
+        area.present().map_err(|e| anyhow::anyhow!("png {name}: {e}"))?;
+    }
+    Ok(svg)
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("drawing: {e:?}")
+}
+
+/// Lines over time, one per system.
+#[derive(Debug)]
+pub struct LineChart {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub series: Vec<Series>,
+}
+
+impl Chart for LineChart {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+        area.fill(&WHITE).map_err(err)?;
+        let x_max = self
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.0))
+            .fold(1.0f64, f64::max);
+        let y_max = self
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .fold(0.0f64, f64::max)
+            .max(1e-9)
+            * 1.1;
+        let mut chart = ChartBuilder::on(area)
+            .caption(&self.title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(&self.x_label)
+            .y_desc(&self.y_label)
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(err)?;
+        for s in &self.series {
+            let color = color_of(&s.name);
+            chart
+                .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+                .map_err(err)?
+                .label(&s.name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(err)?;
+        Ok(())
+    }
+}
+
+/// Grouped bars: for each category (x), one bar per system.
+#[derive(Debug)]
+pub struct BarChart {
+    pub title: String,
+    pub y_label: String,
+    pub categories: Vec<String>,
+    /// (system, one value per category); a missing value is `None`.
+    pub groups: Vec<(String, Vec<Option<f64>>)>,
+    /// Logarithmic y axis (for values spanning orders of magnitude).
+    pub log_y: bool,
+}
+
+impl Chart for BarChart {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+        area.fill(&WHITE).map_err(err)?;
+        let values = self.groups.iter().flat_map(|g| g.1.iter().flatten().copied());
+        let y_max = values.clone().fold(0.0f64, f64::max).max(1e-6) * 1.3;
+        let y_min = values.filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
+        let n_cat = self.categories.len().max(1);
+        let n_grp = self.groups.len().max(1);
+        let categories = self.categories.clone();
+        let label = move |x: &f64| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < categories.len() {
+                categories[i as usize].clone()
+            } else {
+                String::new()
+            }
+        };
+        let width = 0.8 / n_grp as f64;
+        macro_rules! draw_bars {
+            ($chart:expr, $floor:expr) => {{
+                let mut chart = $chart;
+                chart
+                    .configure_mesh()
+                    .disable_x_mesh()
+                    .x_labels(n_cat * 2 + 1)
+                    .x_label_formatter(&label)
+                    .y_desc(&self.y_label)
+                    .label_style(("sans-serif", 14))
+                    .draw()
+                    .map_err(err)?;
+                for (g, (system, vals)) in self.groups.iter().enumerate() {
+                    let color = color_of(system);
+                    let bars = vals.iter().enumerate().filter_map(|(c, v)| {
+                        let v = (*v)?;
+                        let x0 = c as f64 - 0.4 + g as f64 * width;
+                        Some(Rectangle::new([(x0, $floor), (x0 + width * 0.92, v.max($floor))], color.filled()))
+                    });
+                    chart
+                        .draw_series(bars)
+                        .map_err(err)?
+                        .label(system)
+                        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+                }
+                chart
+                    .configure_series_labels()
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK)
+                    .label_font(("sans-serif", 14))
+                    .position(SeriesLabelPosition::UpperLeft)
+                    .draw()
+                    .map_err(err)?;
+            }};
+        }
+        let x_range = -0.6..(n_cat as f64 - 0.4);
+        if self.log_y && y_min.is_finite() {
+            let floor = y_min / 3.0;
+            let chart = ChartBuilder::on(area)
+                .caption(&self.title, ("sans-serif", 22))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d(x_range, (floor..y_max).log_scale())
+                .map_err(err)?;
+            draw_bars!(chart, floor);
+        } else {
+            let chart = ChartBuilder::on(area)
+                .caption(&self.title, ("sans-serif", 22))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d(x_range, 0.0..y_max)
+                .map_err(err)?;
+            draw_bars!(chart, 0.0);
+        }
+        Ok(())
+    }
+}

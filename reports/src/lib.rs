@@ -1,0 +1,9 @@
+//! Reports for sttproxy's performance claims: read loadgen results, chart them
+//! (plotters: SVG, and PNG with a bundled font), write `report.md` /
+//! `report.html`; and the `repro` orchestrator behind `cargo repro`.
+
+pub mod charts;
+pub mod procs;
+pub mod repro;
+pub mod report;
+pub mod results;
