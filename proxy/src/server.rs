@@ -238,10 +238,14 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerC
 fn text_response(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(format!("{reason}\n"))));
     *r.status_mut() = status;
-    r.headers_mut().insert(
+    let h = r.headers_mut();
+    h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    // A refused connection is closed after the answer instead of waiting for
+    // another request (and holding its admission slot) until the handshake timeout.
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }
 

@@ -8,17 +8,18 @@
 //! buffers. A client that cannot take a message within `send_timeout` is closed
 //! with 1008.
 
+use std::ops::DerefMut;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
-use sttproxy_pool::Lease;
+use sttproxy_pool::{Connection, Lease};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -71,6 +72,29 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 pub fn new_session_id(rng: &mut impl rand::Rng) -> String {
     let n = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     format!("{:08x}{:08x}", rng.random::<u32>(), n as u32)
+}
+
+/// What the session needs of the backend connection it holds for its whole
+/// life: the pool's [`Lease`] in the proxy. (The simulation wraps the lease, and
+/// the handle of the naive pool it compares against, to watch every hand-back.)
+pub trait SessionLease<B>: DerefMut<Target = BackendConn<B>> + Send {
+    /// The session ended cleanly (its fence completed): back to the pool.
+    fn release(self);
+    /// The connection is not fit for another session: close it.
+    fn discard(self);
+}
+
+impl<B> SessionLease<B> for Lease<BackendConn<B>>
+where
+    BackendConn<B>: Connection,
+{
+    fn release(self) {
+        Lease::release(self);
+    }
+
+    fn discard(self) {
+        Lease::discard(self);
+    }
 }
 
 /// Why the relay loop stopped.
@@ -171,7 +195,7 @@ where
     let leased = route::lease(&ctx.backends, settings.acquire_timeout, &mut rng).await;
     m.acquire_wait_seconds
         .observe(wait_started.elapsed().as_secs_f64());
-    let (backend, mut lease, how) = match leased {
+    let (backend, lease, how) = match leased {
         Ok(l) => l,
         Err(e) => {
             let outcome = match e {
@@ -190,10 +214,33 @@ where
         })
         .inc();
     tracing::debug!(backend = %backend.id, acquired = how.as_str(), "leased a backend connection");
-    let fenced = backend.reuse == Reuse::Fenced;
+    run_leased(client, lease, backend.reuse, &params, ctx, id).await
+}
+
+/// The part of a session after routing: fence the leased backend connection
+/// (`session.start`), relay both ways, end the session, and hand the
+/// connection back only if its fence completed. Generic over the client's and
+/// the backend's byte streams, so the fault simulation runs this very code in
+/// memory. Returns the session's outcome label.
+pub async fn run_leased<S, B, L>(
+    mut client: WebSocketStream<S>,
+    mut lease: L,
+    reuse: Reuse,
+    params: &Map<String, Value>,
+    ctx: &SessionContext,
+    id: &str,
+) -> &'static str
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    B: AsyncRead + AsyncWrite + Unpin + Send,
+    L: SessionLease<B>,
+{
+    let m = &ctx.metrics;
+    let settings = &ctx.settings;
+    let fenced = reuse == Reuse::Fenced;
 
     if fenced {
-        let start = fence::start_message(id, &params);
+        let start = fence::start_message(id, params);
         if let Err(e) = lease.ws.send(Message::text(start)).await {
             tracing::info!(error = %e, "backend failed at session.start");
             lease.mark_broken();
@@ -306,15 +353,17 @@ fn fence_done(m: &Metrics, outcome: &'static str) {
 }
 
 /// Relay both ways until one side ends the session.
-async fn relay<S>(
+async fn relay<S, B, L>(
     client: &mut WebSocketStream<S>,
-    lease: &mut Lease<BackendConn>,
+    lease: &mut L,
     ctx: &SessionContext,
     fenced: bool,
     counts: &mut Counts,
 ) -> Stop
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
+    B: AsyncRead + AsyncWrite + Unpin + Send,
+    L: SessionLease<B>,
 {
     let settings = &ctx.settings;
     let mut last_heard = Instant::now();
@@ -394,6 +443,9 @@ fn client_error(e: WsError) -> Stop {
         WsError::Utf8(_) => {
             Stop::ClientFault(CloseCode::Invalid, "invalid utf-8 in a text message")
         }
+        // A client that vanished (TCP closed without a close frame) is gone,
+        // not at fault: mobile clients lose their network all the time.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Stop::ClientGone,
         WsError::Protocol(_) => Stop::ClientFault(CloseCode::Protocol, "websocket protocol error"),
         _ => Stop::ClientGone,
     }
@@ -408,15 +460,17 @@ enum Finish {
 
 /// After the client's `session.end`: tell the backend, then relay its final
 /// results to the client until `session.ended` for this session (forwarded too).
-async fn finish<S>(
+async fn finish<S, B, L>(
     client: &mut WebSocketStream<S>,
-    lease: &mut Lease<BackendConn>,
+    lease: &mut L,
     id: &str,
     drain_timeout: Duration,
     counts: &mut Counts,
 ) -> Finish
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
+    B: AsyncRead + AsyncWrite + Unpin + Send,
+    L: SessionLease<B>,
 {
     if let Err(e) = lease.ws.send(Message::text(fence::end_message(id))).await {
         return Finish::BackendGone(format!("backend connection lost: {e}"));
@@ -458,14 +512,17 @@ where
 /// (send `session.end`, discard results until `session.ended`), then return it
 /// to the pool; close it if the fence does not complete within `drain_timeout`.
 /// A connection that is not fenced (`reuse = "none"`) is closed.
-async fn end_unfinished(
-    mut lease: Lease<BackendConn>,
+async fn end_unfinished<B, L>(
+    mut lease: L,
     id: &str,
     drain_timeout: Duration,
     m: &Metrics,
     fenced: bool,
     end_sent: bool,
-) {
+) where
+    B: AsyncRead + AsyncWrite + Unpin + Send,
+    L: SessionLease<B>,
+{
     if !fenced {
         fence_done(m, "not_fenced");
         lease.discard();

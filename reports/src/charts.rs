@@ -48,14 +48,16 @@ pub fn render(chart: &impl Chart, dir: &Path, name: &str) -> anyhow::Result<Stri
     {
         let area = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         chart.draw(&area)?;
-        area.present().map_err(|e| anyhow::anyhow!("svg {name}: {e}"))?;
+        area.present()
+            .map_err(|e| anyhow::anyhow!("svg {name}: {e}"))?;
     }
     std::fs::write(dir.join(format!("{name}.svg")), &svg)?;
     let png = dir.join(format!("{name}.png"));
     {
         let area = BitMapBackend::new(&png, SIZE).into_drawing_area();
         chart.draw(&area)?;
-        area.present().map_err(|e| anyhow::anyhow!("png {name}: {e}"))?;
+        area.present()
+            .map_err(|e| anyhow::anyhow!("png {name}: {e}"))?;
     }
     Ok(svg)
 }
@@ -105,10 +107,15 @@ impl Chart for LineChart {
         for s in &self.series {
             let color = color_of(&s.name);
             chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    s.points.iter().copied(),
+                    color.stroke_width(2),
+                ))
                 .map_err(err)?
                 .label(&s.name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                });
         }
         chart
             .configure_series_labels()
@@ -137,7 +144,10 @@ pub struct BarChart {
 impl Chart for BarChart {
     fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
         area.fill(&WHITE).map_err(err)?;
-        let values = self.groups.iter().flat_map(|g| g.1.iter().flatten().copied());
+        let values = self
+            .groups
+            .iter()
+            .flat_map(|g| g.1.iter().flatten().copied());
         let y_max = values.clone().fold(0.0f64, f64::max).max(1e-6) * 1.3;
         let y_min = values.filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
         let n_cat = self.categories.len().max(1);
@@ -169,13 +179,18 @@ impl Chart for BarChart {
                     let bars = vals.iter().enumerate().filter_map(|(c, v)| {
                         let v = (*v)?;
                         let x0 = c as f64 - 0.4 + g as f64 * width;
-                        Some(Rectangle::new([(x0, $floor), (x0 + width * 0.92, v.max($floor))], color.filled()))
+                        Some(Rectangle::new(
+                            [(x0, $floor), (x0 + width * 0.92, v.max($floor))],
+                            color.filled(),
+                        ))
                     });
                     chart
                         .draw_series(bars)
                         .map_err(err)?
                         .label(system)
-                        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+                        .legend(move |(x, y)| {
+                            Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled())
+                        });
                 }
                 chart
                     .configure_series_labels()

@@ -4,6 +4,6 @@
 
 pub mod charts;
 pub mod procs;
-pub mod repro;
 pub mod report;
+pub mod repro;
 pub mod results;

@@ -100,11 +100,17 @@ impl Proc {
                 }
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    bail!("{} printed no {prefix:?} line within {timeout:?}", self.name)
+                    bail!(
+                        "{} printed no {prefix:?} line within {timeout:?}",
+                        self.name
+                    )
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = self.child.try_wait().ok().flatten();
-                    bail!("{} exited before it was ready ({status:?}); see its .err log", self.name)
+                    bail!(
+                        "{} exited before it was ready ({status:?}); see its .err log",
+                        self.name
+                    )
                 }
             }
         }
@@ -181,6 +187,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("no HTTP status")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }

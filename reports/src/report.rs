@@ -108,7 +108,10 @@ pub fn summary_table(summaries: &[Summary]) -> String {
         t,
         "| system | sessions | offered msg/s | achieved msg/s | lost | p50 ms | p99 ms | p99.9 ms | CPU cores | CPU µs/msg (own) | CPU µs/msg (machine) | RSS avg MB | RSS peak MB | KiB/session |"
     );
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        t,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for s in summaries {
         let _ = writeln!(
             t,
@@ -246,7 +249,9 @@ pub fn write(
     let latency = BarChart {
         title: "Latency percentiles (ms, log scale; from intended send time)".into(),
         y_label: "ms".into(),
-        categories: ["p50", "p90", "p99", "p99.9", "max"].map(String::from).to_vec(),
+        categories: ["p50", "p90", "p99", "p99.9", "max"]
+            .map(String::from)
+            .to_vec(),
         groups: runs
             .iter()
             .map(|r| {
@@ -339,7 +344,11 @@ pub fn write(
     }
     for run in runs {
         if !run.result.warnings.is_empty() {
-            let _ = writeln!(md, "Load generator warnings for {}: {:?}\n", run.name, run.result.warnings);
+            let _ = writeln!(
+                md,
+                "Load generator warnings for {}: {:?}\n",
+                run.name, run.result.warnings
+            );
         }
     }
     let _ = writeln!(md, "## Charts\n");
@@ -353,7 +362,9 @@ pub fn write(
          <style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}\
          td,th{border:1px solid #ccc;padding:4px 6px;font-size:13px}</style></head><body>",
     );
-    html.push_str(&markdown_to_html(&md.split("## Charts").next().unwrap_or_default()));
+    html.push_str(&markdown_to_html(
+        md.split("## Charts").next().unwrap_or_default(),
+    ));
     html.push_str("<h2>Charts</h2>");
     for (_, svg) in &svgs {
         html.push_str(svg);
@@ -372,7 +383,9 @@ pub fn write(
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Just enough Markdown for the report's own text: headings, tables, lists, paragraphs.

@@ -286,14 +286,22 @@ impl Env {
         cmd.arg("-p").arg(&dir).arg("-c").arg(&conf_path);
         let mut ng = Proc::spawn("nginx", cmd, &self.out)?;
         wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10))?;
-        let run = self.load("nginx", &format!("ws://127.0.0.1:{port}/v1/stream"), ng.pid());
+        let run = self.load(
+            "nginx",
+            &format!("ws://127.0.0.1:{port}/v1/stream"),
+            ng.pid(),
+        );
         ng.stop(Duration::from_secs(10));
         run
     }
 }
 
 /// Wait until every pool is warm (idle connections up to its target).
-fn wait_warm(admin: std::net::SocketAddr, backends: usize, timeout: Duration) -> anyhow::Result<()> {
+fn wait_warm(
+    admin: std::net::SocketAddr,
+    backends: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         if let Ok((200, body)) = http_get(admin, "/pools") {
@@ -301,7 +309,9 @@ fn wait_warm(admin: std::net::SocketAddr, backends: usize, timeout: Duration) ->
             let pools = v["backends"].as_array().cloned().unwrap_or_default();
             let warm = pools
                 .iter()
-                .filter(|p| p["idle"].as_u64() >= p["target"].as_u64() && p["target"].as_u64() > Some(0))
+                .filter(|p| {
+                    p["idle"].as_u64() >= p["target"].as_u64() && p["target"].as_u64() > Some(0)
+                })
                 .count();
             if warm == backends {
                 return Ok(());
@@ -330,7 +340,16 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
         eprintln!("repro: building the release binaries ...");
         let status = Command::new(cargo)
             .current_dir(&root)
-            .args(["build", "--release", "-p", "echo-backend", "-p", "sttproxy", "-p", "loadgen"])
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "echo-backend",
+                "-p",
+                "sttproxy",
+                "-p",
+                "loadgen",
+            ])
             .status()
             .context("running cargo build")?;
         if !status.success() {
@@ -413,7 +432,14 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
     std::fs::write(out.join("runs.json"), serde_json::to_string_pretty(&index)?)?;
     let md = report::write(&out, &runs, &MachineInfo::read(), &notes)?;
     if let Some(summary) = md.split("## Summary").nth(1) {
-        println!("{}", summary.split("## Reference").next().unwrap_or_default().trim());
+        println!(
+            "{}",
+            summary
+                .split("## Reference")
+                .next()
+                .unwrap_or_default()
+                .trim()
+        );
     }
     Ok(out)
 }

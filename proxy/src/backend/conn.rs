@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::Uri;
 use sttproxy_pool::Connection;
-use tokio::io::ReadBuf;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -87,36 +87,23 @@ pub fn ws_config(max_message_size: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_message_size))
 }
 
-/// A backend connection in the pool or leased to one session.
-#[derive(Debug)]
-pub struct BackendConn {
-    pub ws: BackendStream,
-    /// Set by a session or health check that saw the connection fail.
-    broken: bool,
+/// Whether the byte stream under a backend connection may still carry a
+/// session, decided without blocking: the check behind
+/// [`Connection::is_alive`] for [`BackendConn`]. Implemented for the TCP (or
+/// TLS) stream the proxy dials; the simulation implements it for its in-memory
+/// stream.
+pub trait StreamLiveness {
+    fn is_alive(&self) -> bool;
 }
 
-impl BackendConn {
-    pub fn new(ws: BackendStream) -> Self {
-        Self { ws, broken: false }
-    }
-
-    /// Mark the connection unusable (an I/O error or protocol fault was seen).
-    pub fn mark_broken(&mut self) {
-        self.broken = true;
-    }
-}
-
-impl Connection for BackendConn {
+impl StreamLiveness for MaybeTlsStream<TcpStream> {
     /// Cheap and non-blocking: a peek at the socket. An idle connection that
     /// reached end-of-stream (the backend closed or crashed) is dead; one with
     /// unread bytes on a plain connection is a protocol fault (nothing may
     /// arrive on an idle connection). Over TLS, unread bytes may be session
     /// tickets, so they are left to the health check.
     fn is_alive(&self) -> bool {
-        if self.broken {
-            return false;
-        }
-        let (tcp, tls) = match self.ws.get_ref() {
+        let (tcp, tls) = match self {
             MaybeTlsStream::Plain(s) => (s, false),
             MaybeTlsStream::Rustls(s) => (s.get_ref().0, true),
             _ => return true,
@@ -129,6 +116,36 @@ impl Connection for BackendConn {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => false,
             Poll::Ready(Ok(_)) => tls,
         }
+    }
+}
+
+/// A backend connection in the pool or leased to one session, over a byte
+/// stream `S` (a TCP or TLS stream in the proxy; in-memory in the simulation).
+#[derive(Debug)]
+pub struct BackendConn<S = MaybeTlsStream<TcpStream>> {
+    pub ws: WebSocketStream<S>,
+    /// Set by a session or health check that saw the connection fail.
+    broken: bool,
+}
+
+impl<S> BackendConn<S> {
+    pub fn new(ws: WebSocketStream<S>) -> Self {
+        Self { ws, broken: false }
+    }
+
+    /// Mark the connection unusable (an I/O error or protocol fault was seen).
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+}
+
+impl<S> Connection for BackendConn<S>
+where
+    S: StreamLiveness + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Not marked broken, and the stream's own liveness check passes.
+    fn is_alive(&self) -> bool {
+        !self.broken && self.ws.get_ref().is_alive()
     }
 }
 

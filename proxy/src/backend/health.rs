@@ -13,9 +13,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::SmallRng;
-use sttproxy_pool::ConnPool;
+use sttproxy_pool::{ConnPool, Connection};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -125,11 +127,14 @@ pub enum PingError {
 }
 
 /// Ping one connection and wait for the matching pong.
-pub async fn ping(
-    conn: &mut BackendConn,
+pub async fn ping<S>(
+    conn: &mut BackendConn<S>,
     payload: u64,
     timeout: Duration,
-) -> Result<(), PingError> {
+) -> Result<(), PingError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let payload = Bytes::copy_from_slice(&payload.to_be_bytes());
     let exchange = async {
         conn.ws.send(Message::Ping(payload.clone())).await?;
@@ -148,16 +153,22 @@ pub async fn ping(
         .map_err(|_| PingError::Timeout(timeout))?
 }
 
+/// Idle connections pinged at once by one pool's health check.
+const CONCURRENT_PINGS: usize = 32;
+
 /// Ping every idle connection of `pool` every `interval` (jittered ±10 %).
-pub async fn run_health_checks(
-    pool: ConnPool<BackendConn>,
+pub async fn run_health_checks<S>(
+    pool: ConnPool<BackendConn<S>>,
     health: std::sync::Arc<Health>,
     interval: Duration,
     timeout: Duration,
     mut rng: SmallRng,
     cancel: CancellationToken,
     backend_id: String,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    BackendConn<S>: Connection,
+{
     let mut seq: u64 = 0;
     loop {
         tokio::select! {
@@ -165,20 +176,35 @@ pub async fn run_health_checks(
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(jitter(interval, &mut rng)) => {}
         }
-        // Check each connection idle now once: checked ones go to the back of the queue.
+        // Check each connection idle now once (checked ones go to the back of
+        // the queue), several at a time: one at a time, a silent backend's k-th
+        // connection would only be found after k × timeout. At most
+        // `CONCURRENT_PINGS` idle connections are out of the pool at once, each
+        // for one round trip (or `timeout` when the backend is silent).
         let n = pool.snapshot().idle;
-        for _ in 0..n {
-            if cancel.is_cancelled() {
-                return;
+        let mut started = 0;
+        let mut pings = FuturesUnordered::new();
+        loop {
+            while started < n && pings.len() < CONCURRENT_PINGS {
+                let Some(mut lease) = pool.checkout_idle() else {
+                    started = n;
+                    break;
+                };
+                started += 1;
+                seq = seq.wrapping_add(1);
+                let payload = seq;
+                pings.push(async move {
+                    let result = ping(&mut lease, payload, timeout).await;
+                    (lease, result)
+                });
             }
-            let Some(mut lease) = pool.checkout_idle() else {
-                break;
-            };
-            seq = seq.wrapping_add(1);
-            let result = tokio::select! {
+            let next = tokio::select! {
                 biased;
                 () = cancel.cancelled() => return,
-                r = ping(&mut lease, seq, timeout) => r,
+                next = pings.next() => next,
+            };
+            let Some((mut lease, result)) = next else {
+                break;
             };
             match result {
                 Ok(()) => {

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "report", about = "Re-render a reproduction report from its results")]
+#[command(
+    name = "report",
+    about = "Re-render a reproduction report from its results"
+)]
 struct Args {
     /// A report directory written by `cargo repro`.
     dir: PathBuf,

@@ -7,7 +7,10 @@ use clap::Parser;
 use reports::repro::{self, Options, SCENARIOS};
 
 #[derive(Parser, Debug)]
-#[command(name = "repro", about = "Reproduce sttproxy's performance claims and write a report with charts")]
+#[command(
+    name = "repro",
+    about = "Reproduce sttproxy's performance claims and write a report with charts"
+)]
 struct Args {
     /// The 10-second, 300-session version (same as --scenario quick).
     #[arg(long)]
@@ -35,7 +38,11 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     reports::procs::stop_children_on_interrupt()?;
-    let name = if args.quick { "quick" } else { args.scenario.as_str() };
+    let name = if args.quick {
+        "quick"
+    } else {
+        args.scenario.as_str()
+    };
     let opts = Options {
         scenario: repro::scenario(name)?,
         out: args.out,
