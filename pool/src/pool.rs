@@ -73,8 +73,10 @@ const DRAINING: usize = 1;
 const CLOSED: usize = 2;
 
 struct Shared<C> {
-    /// Idle connections, each alive when it was queued.
-    idle: ArrayQueue<C>,
+    /// Idle connections, each alive when it was queued. Boxed, so a slot is two
+    /// words whatever the connection's size: the queue is allocated for its
+    /// full capacity up front (a WebSocket connection is ~1.4 KiB inline).
+    idle: ArrayQueue<Box<C>>,
     /// idle + leased + dialing. Invariant: `live <= max` at every instant.
     live: CachePadded<AtomicUsize>,
     /// Reservations not yet offered or given back.
@@ -349,7 +351,7 @@ impl<C: Connection> fmt::Debug for ConnPool<C> {
 }
 
 impl<C: Connection> Shared<C> {
-    fn acquire(&self) -> Option<C> {
+    fn acquire(&self) -> Option<Box<C>> {
         if self.state.load(Ordering::Acquire) != OPEN {
             return None;
         }
@@ -363,8 +365,11 @@ impl<C: Connection> Shared<C> {
     }
 
     /// Close a connection that holds a slot, and give the slot up.
-    fn close_conn(&self, conn: C) {
-        conn.close();
+    // The box is how connections live in the queue and in leases; it is
+    // unboxed here only to hand the connection to `Connection::close`.
+    #[allow(clippy::boxed_local)]
+    fn close_conn(&self, conn: Box<C>) {
+        (*conn).close();
         let before = self.live.fetch_sub(1, Ordering::AcqRel);
         self.discarded.incr();
         if self.state.load(Ordering::Acquire) == OPEN
@@ -398,13 +403,13 @@ impl<C: Connection> Shared<C> {
 
     /// Queue a connection that holds a slot, or close it if it is dead, the pool
     /// is draining, or the pool is above target.
-    fn put_back(&self, conn: C) -> Returned {
+    fn put_back(&self, conn: Box<C>) -> Returned {
         if !conn.is_alive() || self.state.load(Ordering::Acquire) != OPEN {
             self.close_conn(conn);
             return Returned::Closed;
         }
         if self.give_up_slot_if_over_target() {
-            conn.close();
+            (*conn).close();
             self.discarded.incr();
             return Returned::Closed;
         }
@@ -448,7 +453,7 @@ impl<C: Connection> Shared<C> {
 /// unclean connection can never go back to the pool.
 pub struct Lease<C: Connection> {
     /// `Some` until the lease ends.
-    conn: Option<C>,
+    conn: Option<Box<C>>,
     shared: Arc<Shared<C>>,
     /// False for a maintenance checkout, which the session totals ignore.
     counted: bool,
@@ -533,7 +538,7 @@ impl<C: Connection> Reservation<C> {
         match self.shared.take() {
             Some(s) => {
                 s.dialing.fetch_sub(1, Ordering::AcqRel);
-                s.put_back(conn)
+                s.put_back(Box::new(conn))
             }
             None => {
                 conn.close();
@@ -551,7 +556,7 @@ impl<C: Connection> Reservation<C> {
         shared.dialing.fetch_sub(1, Ordering::AcqRel);
         shared.acquired.incr();
         Lease {
-            conn: Some(conn),
+            conn: Some(Box::new(conn)),
             shared,
             counted: true,
         }
@@ -593,7 +598,7 @@ pub struct AcquireWait<C: Connection> {
 }
 
 impl<C: Connection> AcquireWait<C> {
-    fn lease(&self, conn: C) -> Lease<C> {
+    fn lease(&self, conn: Box<C>) -> Lease<C> {
         self.shared.acquired.incr();
         Lease {
             conn: Some(conn),

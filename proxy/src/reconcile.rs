@@ -187,7 +187,11 @@ impl<D: Dialer> ReconcileWorker<D> {
                     break;
                 };
                 let dialer = self.dialer.clone();
-                inflight.push(async move { (dialer.dial().await, reservation) });
+                // Boxed: a dial's state (a TLS + WebSocket handshake) is several
+                // KiB, and FuturesUnordered keeps each task's node allocated until
+                // the set is dropped; boxed, the large part is freed as soon as
+                // the dial completes, not after the whole warm-up.
+                inflight.push(Box::pin(async move { (dialer.dial().await, reservation) }));
             }
             if inflight.is_empty() {
                 break;

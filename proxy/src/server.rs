@@ -165,12 +165,32 @@ pub async fn accept_loop(
 
 type Pending = Arc<Mutex<Option<(hyper::upgrade::OnUpgrade, Map<String, Value>)>>>;
 
+/// One client connection: the HTTP phase, then (if upgraded) the session, in
+/// this one task. The HTTP phase is boxed so its state (hyper's connection,
+/// several KiB) is freed when the upgrade completes, instead of sizing the
+/// task's allocation for the whole life of the session.
 async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerContext>) {
+    let Some((ws, params, admission)) = Box::pin(http_phase(stream, peer, &ctx)).await else {
+        return;
+    };
+    let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_os_rng();
+    let id = session::new_session_id(&mut rng);
+    tracing::debug!(%peer, session = %id, "session upgraded");
+    session::run(ws, params, ctx.session.clone(), id).await;
+    drop(admission);
+}
+
+/// Read the request, answer it, and hand back the upgraded WebSocket.
+async fn http_phase(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: &Arc<ServerContext>,
+) -> Option<(WebSocketStream<TcpStream>, Map<String, Value>, Admission)> {
     let _ = stream.set_nodelay(true);
-    let admission = Admission::try_new(&ctx, peer.ip());
+    let admission = Admission::try_new(ctx, peer.ip());
     let pending: Pending = Arc::new(Mutex::new(None));
     let service = {
-        let ctx = ctx.clone();
+        let ctx = Arc::clone(ctx);
         let pending = pending.clone();
         let refusal = admission.as_ref().err().copied();
         service_fn(move |req| {
@@ -186,40 +206,38 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerC
         .header_read_timeout(ctx.handshake_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    let Ok(_admission) = admission else {
+    let Ok(admission) = admission else {
         let _ = tokio::time::timeout(ctx.handshake_timeout, conn).await;
-        return;
+        return None;
     };
     match tokio::time::timeout(ctx.handshake_timeout, conn).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "client connection ended before the upgrade");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!(%peer, "client handshake timed out");
-            return;
+            return None;
         }
     }
     let taken = match pending.lock() {
         Ok(mut g) => g.take(),
         Err(p) => p.into_inner().take(),
     };
-    let Some((on_upgrade, params)) = taken else {
-        return;
-    };
+    let (on_upgrade, params) = taken?;
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "upgrade failed");
-            return;
+            return None;
         }
     };
     let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => parts,
         Err(_) => {
             tracing::error!("upgraded connection is not a TcpStream");
-            return;
+            return None;
         }
     };
     let ws = WebSocketStream::from_partially_read(
@@ -229,10 +247,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerC
         Some(ctx.ws_config),
     )
     .await;
-    let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_os_rng();
-    let id = session::new_session_id(&mut rng);
-    tracing::debug!(%peer, session = %id, "session upgraded");
-    session::run(ws, params, ctx.session.clone(), id).await;
+    Some((ws, params, admission))
 }
 
 fn text_response(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
