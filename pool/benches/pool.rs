@@ -19,7 +19,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use sttproxy_pool::{ConnPool, Connection, Lease, PoolConfig};
+use sttproxy_pool::{ConnPool, Connection, Lease, LeaseRef, PoolConfig};
 
 /// Stand-in for a backend connection: a little state, like a real handle.
 struct Conn {
@@ -42,19 +42,37 @@ fn conn(id: usize) -> Conn {
 
 /// The pool designs under test, behind one small interface.
 trait BenchPool: Send + Sync + 'static {
-    type Held;
-    fn acquire(&self) -> Option<Self::Held>;
-    fn release(&self, held: Self::Held);
+    type Held<'a>
+    where
+        Self: 'a;
+    fn acquire(&self) -> Option<Self::Held<'_>>;
+    fn release<'a>(&'a self, held: Self::Held<'a>);
 }
 
+/// Ours, with leases that share ownership of the pool (`acquire`): what a
+/// session that moves its lease into a task uses. Each lease clones the pool's
+/// `Arc`, so this pays two reference-count updates per pair.
 struct Ours(ConnPool<Conn>);
 
 impl BenchPool for Ours {
-    type Held = Lease<Conn>;
+    type Held<'a> = Lease<Conn>;
     fn acquire(&self) -> Option<Lease<Conn>> {
         self.0.acquire()
     }
     fn release(&self, held: Lease<Conn>) {
+        held.release();
+    }
+}
+
+/// Ours, with leases that borrow the pool (`acquire_ref`): no reference count.
+struct OursRef(ConnPool<Conn>);
+
+impl BenchPool for OursRef {
+    type Held<'a> = LeaseRef<'a, Conn>;
+    fn acquire(&self) -> Option<LeaseRef<'_, Conn>> {
+        self.0.acquire_ref()
+    }
+    fn release<'a>(&'a self, held: LeaseRef<'a, Conn>) {
         held.release();
     }
 }
@@ -92,7 +110,7 @@ impl Naive {
 }
 
 impl BenchPool for Naive {
-    type Held = usize;
+    type Held<'a> = usize;
     fn acquire(&self) -> Option<usize> {
         let mut slots = self.slots.lock().unwrap();
         for (i, s) in slots.iter_mut().enumerate() {
@@ -113,11 +131,11 @@ impl BenchPool for Naive {
 struct Deadpool(deadpool::unmanaged::Pool<Conn>);
 
 impl BenchPool for Deadpool {
-    type Held = deadpool::unmanaged::Object<Conn>;
-    fn acquire(&self) -> Option<Self::Held> {
+    type Held<'a> = deadpool::unmanaged::Object<Conn>;
+    fn acquire(&self) -> Option<Self::Held<'_>> {
         self.0.try_get().ok()
     }
-    fn release(&self, held: Self::Held) {
+    fn release<'a>(&'a self, held: Self::Held<'a>) {
         drop(held);
     }
 }
@@ -126,36 +144,49 @@ impl BenchPool for Deadpool {
 /// measured threads (the long sessions).
 struct Setup<P: BenchPool> {
     pool: Arc<P>,
-    _held: Vec<P::Held>,
+    _held: Box<dyn std::any::Any>,
 }
 
-fn ours(total: usize, leased: usize) -> Setup<Ours> {
+fn filled(total: usize, leased: usize) -> (ConnPool<Conn>, Vec<Lease<Conn>>) {
     let pool = ConnPool::new(PoolConfig::new(total, total));
     for i in 0..total {
         pool.try_reserve().unwrap().offer(conn(i));
     }
     let held = (0..leased).map(|_| pool.acquire().unwrap()).collect();
+    (pool, held)
+}
+
+fn ours(total: usize, leased: usize) -> Setup<Ours> {
+    let (pool, held) = filled(total, leased);
     Setup {
         pool: Arc::new(Ours(pool)),
-        _held: held,
+        _held: Box::new(held),
+    }
+}
+
+fn ours_ref(total: usize, leased: usize) -> Setup<OursRef> {
+    let (pool, held) = filled(total, leased);
+    Setup {
+        pool: Arc::new(OursRef(pool)),
+        _held: Box::new(held),
     }
 }
 
 fn naive(total: usize, leased: usize) -> Setup<Naive> {
     let pool = Naive::new(total);
-    let held = (0..leased).map(|_| pool.acquire().unwrap()).collect();
+    let held: Vec<usize> = (0..leased).map(|_| pool.acquire().unwrap()).collect();
     Setup {
         pool: Arc::new(pool),
-        _held: held,
+        _held: Box::new(held),
     }
 }
 
 fn deadpool(total: usize, leased: usize) -> Setup<Deadpool> {
     let pool = deadpool::unmanaged::Pool::from((0..total).map(conn).collect::<Vec<_>>());
-    let held = (0..leased).map(|_| pool.try_get().unwrap()).collect();
+    let held: Vec<_> = (0..leased).map(|_| pool.try_get().unwrap()).collect();
     Setup {
         pool: Arc::new(Deadpool(pool)),
-        _held: held,
+        _held: Box::new(held),
     }
 }
 
@@ -198,10 +229,16 @@ fn acquire_release(c: &mut Criterion) {
         group.warm_up_time(Duration::from_millis(500));
         group.sample_size(20);
         for threads in [1usize, 2, 8] {
-            let s = ours(total, leased);
-            group.bench_with_input(BenchmarkId::new("ours", threads), &threads, |b, &t| {
+            let s = ours_ref(total, leased);
+            group.bench_with_input(BenchmarkId::new("ours-ref", threads), &threads, |b, &t| {
                 b.iter_custom(|iters| churn(&s.pool, t, iters))
             });
+            let s = ours(total, leased);
+            group.bench_with_input(
+                BenchmarkId::new("ours-owned", threads),
+                &threads,
+                |b, &t| b.iter_custom(|iters| churn(&s.pool, t, iters)),
+            );
             let s = deadpool(total, leased);
             group.bench_with_input(BenchmarkId::new("deadpool", threads), &threads, |b, &t| {
                 b.iter_custom(|iters| churn(&s.pool, t, iters))

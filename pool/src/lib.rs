@@ -19,8 +19,8 @@ mod sync;
 mod waiters;
 
 pub use pool::{
-    AcquireWait, ConnPool, Connection, Lease, PoolConfig, PoolDraining, PoolSnapshot, Reservation,
-    Returned,
+    AcquireWait, ConnPool, Connection, Lease, LeaseRef, PoolConfig, PoolCore, PoolDraining,
+    PoolRef, PoolSnapshot, Reservation, Returned,
 };
 pub use signal::{Signal, SignalWait};
 

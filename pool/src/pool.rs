@@ -72,7 +72,9 @@ const OPEN: usize = 0;
 const DRAINING: usize = 1;
 const CLOSED: usize = 2;
 
-struct Shared<C> {
+/// The shared state of one pool. Opaque: reachable only through [`ConnPool`]
+/// and leases.
+pub struct PoolCore<C> {
     /// Idle connections, each alive when it was queued. Boxed, so a slot is two
     /// words whatever the connection's size: the queue is allocated for its
     /// full capacity up front (a WebSocket connection is ~1.4 KiB inline).
@@ -86,8 +88,16 @@ struct Shared<C> {
     max: AtomicUsize,
     /// `OPEN`, or a combination of `DRAINING` and `CLOSED`. Only ever grows.
     state: AtomicUsize,
-    acquired: StripedCounter,
-    released: StripedCounter,
+    /// Pops that did not hand a connection to a session (maintenance
+    /// checkouts, pruning, shrinking, draining, dead connections skipped).
+    /// `acquired_total` is the queue's total pops minus these, plus
+    /// `direct_leases`: the hot path bumps no counter at all.
+    maint_pops: StripedCounter,
+    /// Pushes that were not a session's release (offers, maintenance returns).
+    /// `released_total` is the queue's total pushes minus these.
+    maint_pushes: StripedCounter,
+    /// Leases made straight from a reservation (dial on demand).
+    direct_leases: StripedCounter,
     discarded: StripedCounter,
     dial_failures: StripedCounter,
     waiters: Waiters,
@@ -96,7 +106,7 @@ struct Shared<C> {
 
 /// A pool of idle connections to one backend. Cheap to clone (a shared handle).
 pub struct ConnPool<C: Connection> {
-    shared: Arc<Shared<C>>,
+    shared: Arc<PoolCore<C>>,
 }
 
 impl<C: Connection> Clone for ConnPool<C> {
@@ -153,15 +163,16 @@ impl<C: Connection> ConnPool<C> {
         let max = config.max.min(capacity);
         let target = config.target.min(max);
         Self {
-            shared: Arc::new(Shared {
+            shared: Arc::new(PoolCore {
                 idle: ArrayQueue::new(capacity),
                 live: CachePadded::new(AtomicUsize::new(0)),
                 dialing: AtomicUsize::new(0),
                 target: AtomicUsize::new(target),
                 max: AtomicUsize::new(max),
                 state: AtomicUsize::new(OPEN),
-                acquired: StripedCounter::new(),
-                released: StripedCounter::new(),
+                maint_pops: StripedCounter::new(),
+                maint_pushes: StripedCounter::new(),
+                direct_leases: StripedCounter::new(),
                 discarded: StripedCounter::new(),
                 dial_failures: StripedCounter::new(),
                 waiters: Waiters::new(),
@@ -173,22 +184,31 @@ impl<C: Connection> ConnPool<C> {
     /// Take an idle connection, if there is one. Never blocks, never does I/O.
     /// Dead idle connections met on the way are closed.
     pub fn acquire(&self) -> Option<Lease<C>> {
-        self.shared.acquire().map(|conn| {
-            self.shared.acquired.incr();
-            Lease {
-                conn: Some(conn),
-                shared: self.shared.clone(),
-                counted: true,
-            }
+        self.shared.acquire(true).map(|conn| Lease {
+            conn: Some(conn),
+            pool: self.shared.clone(),
+            counted: true,
+        })
+    }
+
+    /// Like [`ConnPool::acquire`], with a lease that borrows the pool instead of
+    /// sharing ownership of it: no reference count is touched, so nothing on
+    /// this path writes a cache line that other threads share except the queue.
+    /// For callers that keep the pool alive longer than the lease anyway.
+    pub fn acquire_ref(&self) -> Option<LeaseRef<'_, C>> {
+        self.shared.acquire(true).map(|conn| Lease {
+            conn: Some(conn),
+            pool: &*self.shared,
+            counted: true,
         })
     }
 
     /// Take an idle connection out for maintenance (a health check), like
     /// [`ConnPool::acquire`] but not counted as a session's lease in the totals.
     pub fn checkout_idle(&self) -> Option<Lease<C>> {
-        self.shared.acquire().map(|conn| Lease {
+        self.shared.acquire(false).map(|conn| Lease {
             conn: Some(conn),
-            shared: self.shared.clone(),
+            pool: self.shared.clone(),
             counted: false,
         })
     }
@@ -270,8 +290,9 @@ impl<C: Connection> ConnPool<C> {
         let mut closed = 0;
         for _ in 0..s.idle.len() {
             let Some(conn) = s.idle.pop() else { break };
+            s.maint_pops.incr();
             if conn.is_alive() {
-                if s.put_back(conn) == Returned::Closed {
+                if s.put_back(conn, false) == Returned::Closed {
                     closed += 1;
                 }
             } else {
@@ -289,7 +310,8 @@ impl<C: Connection> ConnPool<C> {
         let mut closed = 0;
         while s.live.load(Ordering::Acquire) > s.target.load(Ordering::Acquire) {
             let Some(conn) = s.idle.pop() else { break };
-            if s.put_back(conn) == Returned::Closed {
+            s.maint_pops.incr();
+            if s.put_back(conn, false) == Returned::Closed {
                 closed += 1;
             } else {
                 break;
@@ -336,11 +358,23 @@ impl<C: Connection> ConnPool<C> {
             leased: live.saturating_sub(idle).saturating_sub(dialing),
             dialing,
             draining: s.state.load(Ordering::Acquire) != OPEN,
-            acquired_total: s.acquired.sum(),
-            released_total: s.released.sum(),
+            acquired_total: s
+                .idle
+                .total_pops()
+                .wrapping_sub(s.maint_pops.sum())
+                .wrapping_add(s.direct_leases.sum()),
+            released_total: s.idle.total_pushes().wrapping_sub(s.maint_pushes.sum()),
             discarded_total: s.discarded.sum(),
             dial_failures_total: s.dial_failures.sum(),
         }
+    }
+}
+
+impl<C> fmt::Debug for PoolCore<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolCore")
+            .field("live", &self.live.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
     }
 }
 
@@ -350,15 +384,21 @@ impl<C: Connection> fmt::Debug for ConnPool<C> {
     }
 }
 
-impl<C: Connection> Shared<C> {
-    fn acquire(&self) -> Option<Box<C>> {
+impl<C: Connection> PoolCore<C> {
+    /// Pop an alive idle connection. `session`: for a session's lease (counted
+    /// by derivation) rather than maintenance (counted in `maint_pops`).
+    fn acquire(&self, session: bool) -> Option<Box<C>> {
         if self.state.load(Ordering::Acquire) != OPEN {
             return None;
         }
         while let Some(conn) = self.idle.pop() {
             if conn.is_alive() {
+                if !session {
+                    self.maint_pops.incr();
+                }
                 return Some(conn);
             }
+            self.maint_pops.incr();
             self.close_conn(conn);
         }
         None
@@ -403,7 +443,9 @@ impl<C: Connection> Shared<C> {
 
     /// Queue a connection that holds a slot, or close it if it is dead, the pool
     /// is draining, or the pool is above target.
-    fn put_back(&self, conn: Box<C>) -> Returned {
+    /// `session`: a session's release (counted by derivation) rather than an
+    /// offer or a maintenance return (counted in `maint_pushes`).
+    fn put_back(&self, conn: Box<C>, session: bool) -> Returned {
         if !conn.is_alive() || self.state.load(Ordering::Acquire) != OPEN {
             self.close_conn(conn);
             return Returned::Closed;
@@ -418,8 +460,14 @@ impl<C: Connection> Shared<C> {
             self.close_conn(conn);
             return Returned::Closed;
         }
-        // Pairs with the fence in `shut` and in `AcquireWait::poll`: either they
-        // see the connection we just queued, or we see their flag / registration.
+        if !session {
+            self.maint_pushes.incr();
+        }
+        // Pairs with the fences in `shut` and `AcquireWait::poll`: either they
+        // see the connection we just queued, or we see their flag or
+        // registration. (SeqCst loads after the push's SeqCst CAS would do by
+        // the C++ fence rules without this fence, but loom does not model those
+        // rules, and the loom suite must check the code that runs.)
         fence(Ordering::SeqCst);
         if self.waiters.any() {
             self.waiters.notify_one();
@@ -433,6 +481,7 @@ impl<C: Connection> Shared<C> {
 
     fn close_idle(&self) {
         while let Some(conn) = self.idle.pop() {
+            self.maint_pops.incr();
             self.close_conn(conn);
         }
     }
@@ -451,42 +500,68 @@ impl<C: Connection> Shared<C> {
 /// the session ended cleanly; dropped any other way (panic, cancellation,
 /// fencing not completed, [`Lease::discard`]) the connection is closed, so an
 /// unclean connection can never go back to the pool.
-pub struct Lease<C: Connection> {
+pub struct Lease<C: Connection, P: PoolRef<C> = Arc<PoolCore<C>>> {
     /// `Some` until the lease ends.
     conn: Option<Box<C>>,
-    shared: Arc<Shared<C>>,
+    /// How the lease reaches its pool: shared ownership (the default, for
+    /// leases that move into tasks) or a borrow ([`LeaseRef`]).
+    pool: P,
     /// False for a maintenance checkout, which the session totals ignore.
     counted: bool,
 }
 
-impl<C: Connection> Lease<C> {
+/// A lease that borrows its pool ([`ConnPool::acquire_ref`]).
+pub type LeaseRef<'a, C> = Lease<C, &'a PoolCore<C>>;
+
+/// How a lease refers to its pool. Sealed: implemented for `Arc<PoolCore<C>>`
+/// and `&PoolCore<C>` only.
+pub trait PoolRef<C: Connection>: sealed::Sealed {
+    #[doc(hidden)]
+    fn core(&self) -> &PoolCore<C>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<C> Sealed for super::Arc<super::PoolCore<C>> {}
+    impl<C> Sealed for &super::PoolCore<C> {}
+}
+
+impl<C: Connection> PoolRef<C> for Arc<PoolCore<C>> {
+    fn core(&self) -> &PoolCore<C> {
+        self
+    }
+}
+
+impl<C: Connection> PoolRef<C> for &PoolCore<C> {
+    fn core(&self) -> &PoolCore<C> {
+        self
+    }
+}
+
+impl<C: Connection, P: PoolRef<C>> Lease<C, P> {
     /// Give the connection back: queued if alive, the pool is open and not above
     /// target; closed otherwise.
     pub fn release(mut self) -> Returned {
         let Some(conn) = self.conn.take() else {
             return Returned::Closed;
         };
-        let outcome = self.shared.put_back(conn);
-        if outcome == Returned::Idle && self.counted {
-            self.shared.released.incr();
-        }
-        outcome
+        self.pool.core().put_back(conn, self.counted)
     }
 
     /// Close the connection (it is not fit for another session).
     pub fn discard(mut self) {
         if let Some(conn) = self.conn.take() {
-            self.shared.close_conn(conn);
+            self.pool.core().close_conn(conn);
         }
     }
 
     /// Whether the pool this lease came from is draining.
     pub fn pool_draining(&self) -> bool {
-        self.shared.state.load(Ordering::Acquire) != OPEN
+        self.pool.core().state.load(Ordering::Acquire) != OPEN
     }
 }
 
-impl<C: Connection> Deref for Lease<C> {
+impl<C: Connection, P: PoolRef<C>> Deref for Lease<C, P> {
     type Target = C;
 
     fn deref(&self) -> &C {
@@ -498,7 +573,7 @@ impl<C: Connection> Deref for Lease<C> {
     }
 }
 
-impl<C: Connection> DerefMut for Lease<C> {
+impl<C: Connection, P: PoolRef<C>> DerefMut for Lease<C, P> {
     fn deref_mut(&mut self) -> &mut C {
         match &mut self.conn {
             Some(c) => c,
@@ -507,15 +582,15 @@ impl<C: Connection> DerefMut for Lease<C> {
     }
 }
 
-impl<C: Connection> Drop for Lease<C> {
+impl<C: Connection, P: PoolRef<C>> Drop for Lease<C, P> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.shared.close_conn(conn);
+            self.pool.core().close_conn(conn);
         }
     }
 }
 
-impl<C: Connection> fmt::Debug for Lease<C> {
+impl<C: Connection, P: PoolRef<C>> fmt::Debug for Lease<C, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lease")
             .field("held", &self.conn.is_some())
@@ -529,7 +604,7 @@ impl<C: Connection> fmt::Debug for Lease<C> {
 /// the slot is given back.
 pub struct Reservation<C: Connection> {
     /// `Some` until the reservation ends.
-    shared: Option<Arc<Shared<C>>>,
+    shared: Option<Arc<PoolCore<C>>>,
 }
 
 impl<C: Connection> Reservation<C> {
@@ -538,7 +613,7 @@ impl<C: Connection> Reservation<C> {
         match self.shared.take() {
             Some(s) => {
                 s.dialing.fetch_sub(1, Ordering::AcqRel);
-                s.put_back(Box::new(conn))
+                s.put_back(Box::new(conn), false)
             }
             None => {
                 conn.close();
@@ -554,10 +629,10 @@ impl<C: Connection> Reservation<C> {
             None => unreachable!("a live Reservation always holds its pool"),
         };
         shared.dialing.fetch_sub(1, Ordering::AcqRel);
-        shared.acquired.incr();
+        shared.direct_leases.incr();
         Lease {
             conn: Some(Box::new(conn)),
-            shared,
+            pool: shared,
             counted: true,
         }
     }
@@ -592,17 +667,16 @@ impl<C: Connection> fmt::Debug for Reservation<C> {
 /// Future returned by [`ConnPool::acquire_wait`].
 #[must_use = "futures do nothing unless polled"]
 pub struct AcquireWait<C: Connection> {
-    shared: Arc<Shared<C>>,
+    shared: Arc<PoolCore<C>>,
     /// Our key in the waiter registry while registered (or woken and not yet re-polled).
     key: Option<usize>,
 }
 
 impl<C: Connection> AcquireWait<C> {
     fn lease(&self, conn: Box<C>) -> Lease<C> {
-        self.shared.acquired.incr();
         Lease {
             conn: Some(conn),
-            shared: self.shared.clone(),
+            pool: self.shared.clone(),
             counted: true,
         }
     }
@@ -619,7 +693,7 @@ impl<C: Connection> Future for AcquireWait<C> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        if let Some(conn) = this.shared.acquire() {
+        if let Some(conn) = this.shared.acquire(true) {
             this.leave();
             return Poll::Ready(Ok(this.lease(conn)));
         }
@@ -631,7 +705,7 @@ impl<C: Connection> Future for AcquireWait<C> {
         // Pairs with the fence in `put_back`: either the releaser sees our
         // registration, or we see its connection now.
         fence(Ordering::SeqCst);
-        if let Some(conn) = this.shared.acquire() {
+        if let Some(conn) = this.shared.acquire(true) {
             this.leave();
             return Poll::Ready(Ok(this.lease(conn)));
         }

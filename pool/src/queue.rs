@@ -173,6 +173,23 @@ impl<T> ArrayQueue<T> {
         }
     }
 
+    /// Total values ever pushed: the lap and index of `tail`. (Exact when no
+    /// push is in flight; wraps after 2^64 / `one_lap` laps, i.e. never.)
+    pub fn total_pushes(&self) -> usize {
+        self.position_count(self.tail.load(Ordering::Acquire))
+    }
+
+    /// Total values ever popped: the lap and index of `head`.
+    pub fn total_pops(&self) -> usize {
+        self.position_count(self.head.load(Ordering::Acquire))
+    }
+
+    fn position_count(&self, pos: usize) -> usize {
+        (pos / self.one_lap)
+            .wrapping_mul(self.cap)
+            .wrapping_add(pos & (self.one_lap - 1))
+    }
+
     /// Whether the queue holds no value (same caveats as [`ArrayQueue::len`]).
     pub fn is_empty(&self) -> bool {
         self.len() == 0

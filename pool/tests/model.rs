@@ -41,6 +41,8 @@ enum Op {
     Prune,
     Shrink,
     Drain,
+    /// A health check: take an idle connection out (uncounted) and put it back.
+    HealthCheck,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -57,6 +59,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::MarkDead),
         1 => Just(Op::Prune),
         1 => Just(Op::Shrink),
+        1 => Just(Op::HealthCheck),
         // Rare, so most sequences spend their time in the open pool.
         1 => (0usize..8).prop_map(|n| if n == 0 { Op::Drain } else { Op::Acquire }),
     ]
@@ -249,6 +252,25 @@ impl Harness {
                     m.close(id);
                 }
                 self.pool.shrink_to_target();
+            }
+            Op::HealthCheck => {
+                let got = self.pool.checkout_idle();
+                let mut expect = None;
+                if !m.draining {
+                    while let Some(id) = m.idle.pop_front() {
+                        if self.alive[id].load(Ordering::SeqCst) {
+                            expect = Some(id);
+                            break;
+                        }
+                        m.close(id);
+                    }
+                }
+                assert_eq!(got.as_ref().map(|l| l.id), expect, "checkout_idle");
+                if let Some(l) = got {
+                    let alive = self.alive[l.id].load(Ordering::SeqCst);
+                    let want = m.put_back(l.id, alive);
+                    assert_eq!(l.release(), want, "maintenance return");
+                }
             }
             Op::Drain => {
                 m.draining = true;
