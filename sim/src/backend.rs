@@ -1,0 +1,477 @@
+//! Backend emulation: an STT inference server in memory. Each connection is a
+//! small task speaking the fencing protocol (DESIGN §3):
+//! `session.start` → `session.started`; data → an echo (or an STT partial)
+//! after a virtual delay; `session.end` → a final → `session.ended`.
+//! Fault knobs (active only while the run's faults are on): dials that fail,
+//! hang or are slow; connections that die idle or leased (reset or EOF);
+//! late pongs; connections that stall for good; finals that come too late; and
+//! the whole backend crashing (every connection dropped, dials refused) and
+//! coming back.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use rand::rngs::SmallRng;
+use serde_json::Value;
+use sttproxy::backend::BackendConn;
+use sttproxy::reconcile::Dialer;
+use tokio::io::DuplexStream;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::checker::Kind;
+use crate::runtime::SimRng;
+use crate::tasks::Tasks;
+use crate::transport::{self, LinkState, SimStream};
+use crate::world::World;
+
+/// What the backend answers to data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Echo every data message.
+    Echo,
+    /// One partial transcript per audio chunk; a final on `session.end`.
+    Stt,
+}
+
+/// Fault knobs; each applies only while the run's faults are on.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// A dial is refused.
+    pub dial_fail_p: f64,
+    /// Extra dial delay, uniform in this range (ms).
+    pub dial_delay_ms: (u64, u64),
+    /// A dial hangs for good (the dialer's timeout must end it).
+    pub dial_hang_p: f64,
+    /// An idle connection dies after an exponential time with this mean.
+    pub idle_death_mean: Option<Duration>,
+    /// A leased connection dies during its session.
+    pub leased_death_p: f64,
+    /// A pong comes late, delayed uniformly in `pong_delay_ms`.
+    pub late_pong_p: f64,
+    pub pong_delay_ms: (u64, u64),
+    /// On a ping, the connection stops answering anything, for good.
+    pub stall_p: f64,
+    /// The final of a session comes late, delayed uniformly in `late_final_ms`.
+    pub late_final_p: f64,
+    pub late_final_ms: (u64, u64),
+}
+
+/// How one backend behaves.
+#[derive(Debug, Clone)]
+pub struct BackendSpec {
+    pub mode: Mode,
+    /// Dial delay without faults (ms).
+    pub dial_ms: (u64, u64),
+    /// Delay of each result (ms).
+    pub result_ms: (u64, u64),
+    pub faults: Faults,
+}
+
+/// Why a dial failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialFault {
+    Refused,
+    Timeout,
+}
+
+impl fmt::Display for DialFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DialFault::Refused => "connection refused",
+            DialFault::Timeout => "connect timed out",
+        })
+    }
+}
+
+/// One emulated backend.
+#[derive(Debug)]
+pub struct SimBackend {
+    pub index: usize,
+    spec: BackendSpec,
+    up: AtomicBool,
+    /// Cancelled when the backend crashes; replaced when it comes back.
+    crash: Mutex<CancellationToken>,
+    world: Arc<World>,
+    tasks: Tasks,
+    rng: SimRng,
+    ws: WebSocketConfig,
+}
+
+/// WebSocket settings of both ends of every in-memory connection.
+pub fn ws_config() -> WebSocketConfig {
+    sttproxy::backend::conn::ws_config(64 << 10)
+}
+
+impl SimBackend {
+    pub fn new(
+        index: usize,
+        spec: BackendSpec,
+        world: Arc<World>,
+        tasks: Tasks,
+        seed: u64,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            index,
+            spec,
+            up: AtomicBool::new(true),
+            crash: Mutex::new(CancellationToken::new()),
+            world,
+            tasks,
+            rng: SimRng::new(seed),
+            ws: ws_config(),
+        })
+    }
+
+    fn crash_token(&self) -> CancellationToken {
+        match self.crash.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// The backend process dies: every connection drops, dials are refused.
+    pub fn crash(&self) {
+        if !self.up.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        self.crash_token().cancel();
+        let i = self.index;
+        self.world.note(|| format!("b{i} CRASHED"));
+    }
+
+    /// The backend is back.
+    pub fn restore(&self) {
+        {
+            let mut g = match self.crash.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if g.is_cancelled() {
+                *g = CancellationToken::new();
+            }
+        }
+        if !self.up.swap(true, Ordering::Relaxed) {
+            let i = self.index;
+            self.world.note(|| format!("b{i} back up"));
+        }
+    }
+
+    /// Open a connection (no timeout of its own: a hanging dial hangs).
+    pub async fn connect(self: &Arc<Self>) -> Result<BackendConn<SimStream>, DialFault> {
+        let flight = self.world.dial_started(self.index);
+        let faults = self.world.faults();
+        let f = &self.spec.faults;
+        if !self.is_up() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            flight.failed("refused: backend down");
+            return Err(DialFault::Refused);
+        }
+        if faults && self.rng.chance(f.dial_hang_p) {
+            let i = self.index;
+            self.world.note(|| format!("b{i} dial hangs"));
+            std::future::pending::<()>().await;
+        }
+        let mut delay = self.rng.millis(self.spec.dial_ms);
+        if faults {
+            delay += self.rng.millis(f.dial_delay_ms);
+        }
+        tokio::time::sleep(delay).await;
+        if !self.is_up() || (faults && self.rng.chance(f.dial_fail_p)) {
+            flight.failed("refused");
+            return Err(DialFault::Refused);
+        }
+        let id = self.world.next_conn_id();
+        let (stream, backend_io, link) = transport::link(&self.world, self.index, id);
+        flight.succeeded(id);
+        let server =
+            WebSocketStream::from_raw_socket(backend_io, Role::Server, Some(self.ws)).await;
+        let conn = ConnTask {
+            backend: self.clone(),
+            link,
+            crash: self.crash_token(),
+            rng: self.rng.fork(),
+            session: None,
+            queue: VecDeque::new(),
+            seq: 0,
+            stalled: false,
+            death_at: None,
+            hold_until: None,
+        };
+        self.tasks.spawn("backend-conn", conn.run(server));
+        let ws = WebSocketStream::from_raw_socket(stream, Role::Client, Some(self.ws)).await;
+        Ok(BackendConn::new(ws))
+    }
+}
+
+/// The production `Dialer` for a simulated backend: `connect` bounded by the
+/// connect timeout, as `WsDialer` bounds its TCP connect and handshake.
+#[derive(Debug)]
+pub struct SimDialer {
+    pub backend: Arc<SimBackend>,
+    pub timeout: Duration,
+    pub world: Arc<World>,
+}
+
+impl Dialer for SimDialer {
+    type Conn = BackendConn<SimStream>;
+    type Error = DialFault;
+
+    async fn dial(&self) -> Result<BackendConn<SimStream>, DialFault> {
+        match tokio::time::timeout(self.timeout, self.backend.connect()).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.world.dial_timed_out(self.backend.index);
+                Err(DialFault::Timeout)
+            }
+        }
+    }
+}
+
+/// Marks the link's backend end gone however the task ends.
+struct Gone(Arc<LinkState>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        self.0.set_backend_gone();
+    }
+}
+
+/// One backend connection's task.
+struct ConnTask {
+    backend: Arc<SimBackend>,
+    link: Arc<LinkState>,
+    crash: CancellationToken,
+    rng: SmallRng,
+    /// The session being served (between `session.start` and `session.ended`).
+    session: Option<String>,
+    /// Results to send, due times non-decreasing.
+    queue: VecDeque<(Instant, String, bool)>,
+    seq: u64,
+    stalled: bool,
+    death_at: Option<Instant>,
+    /// Reading (and so the automatic pong) is held until then.
+    hold_until: Option<Instant>,
+}
+
+fn text_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+impl ConnTask {
+    fn faults(&self) -> bool {
+        self.backend.world.faults()
+    }
+
+    fn millis(&mut self, (lo, hi): (u64, u64)) -> Duration {
+        if hi <= lo {
+            return Duration::from_millis(lo);
+        }
+        Duration::from_millis(self.rng.random_range(lo..=hi))
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && self.rng.random_bool(p.min(1.0))
+    }
+
+    fn schedule_idle_death(&mut self) {
+        self.death_at = None;
+        if !self.faults() {
+            return;
+        }
+        if let Some(mean) = self.backend.spec.faults.idle_death_mean {
+            let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
+            self.death_at = Some(Instant::now() + mean.mul_f64(-u.ln()));
+        }
+    }
+
+    fn enqueue(&mut self, delay: Duration, text: String, ends: bool) {
+        let due = Instant::now() + delay;
+        let due = self.queue.back().map_or(due, |(last, _, _)| due.max(*last));
+        self.queue.push_back((due, text, ends));
+    }
+
+    fn unfenced(&self, what: String) {
+        let (pool, id) = (self.link.pool, self.link.id);
+        self.backend
+            .world
+            .violation(Kind::Unfenced, format!("p{pool} c{id}: {what}"));
+    }
+
+    async fn run(mut self, mut ws: WebSocketStream<DuplexStream>) {
+        let _gone = Gone(self.link.clone());
+        self.schedule_idle_death();
+        let crash = self.crash.clone();
+        let link = self.link.clone();
+        loop {
+            let next_due = if self.stalled {
+                None
+            } else {
+                self.queue.front().map(|(t, _, _)| *t)
+            };
+            let reading = !self.stalled && self.hold_until.is_none();
+            tokio::select! {
+                biased;
+                () = crash.cancelled() => {
+                    self.link.mark_faulted();
+                    return;
+                }
+                () = link.wait_proxy_gone() => return,
+                () = sleep_until_opt(self.death_at) => {
+                    self.death_at = None;
+                    if self.faults() {
+                        self.link.mark_faulted();
+                        let (pool, id, leased) = (self.link.pool, self.link.id, self.session.is_some());
+                        if self.rng.random_bool(0.5) {
+                            self.backend.world.note(|| format!("p{pool} c{id} reset by backend (leased={leased})"));
+                            self.link.reset();
+                        } else {
+                            self.backend.world.note(|| format!("p{pool} c{id} closed by backend (leased={leased})"));
+                        }
+                        return;
+                    }
+                }
+                () = sleep_until_opt(self.hold_until) => self.hold_until = None,
+                () = sleep_until_opt(next_due) => {
+                    if let Some((_, text, ends)) = self.queue.pop_front() {
+                        if ws.send(Message::text(text)).await.is_err() {
+                            return;
+                        }
+                        if ends {
+                            self.session = None;
+                            self.schedule_idle_death();
+                        }
+                    }
+                }
+                msg = ws.next(), if reading => {
+                    match msg {
+                        Some(Ok(m)) => self.on_message(m),
+                        Some(Err(_)) | None => return,
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, m: Message) {
+        match m {
+            Message::Text(t) => {
+                let control = if t.starts_with('{') {
+                    serde_json::from_str::<Value>(&t).ok()
+                } else {
+                    None
+                };
+                let kind = control
+                    .as_ref()
+                    .and_then(|v| text_field(v, "type"))
+                    .unwrap_or("");
+                let sid = control
+                    .as_ref()
+                    .and_then(|v| text_field(v, "session"))
+                    .map(str::to_string);
+                match (kind, sid) {
+                    ("session.start", Some(sid)) => self.on_start(sid),
+                    ("session.end", Some(sid)) => self.on_end(&sid),
+                    _ => self.on_data(t.as_bytes()),
+                }
+            }
+            Message::Binary(b) => self.on_data(&b),
+            Message::Ping(_) => {
+                if !self.faults() {
+                    return;
+                }
+                let f = self.backend.spec.faults.clone();
+                if self.chance(f.stall_p) {
+                    self.stalled = true;
+                    self.link.mark_faulted();
+                    let (pool, id) = (self.link.pool, self.link.id);
+                    self.backend
+                        .world
+                        .note(|| format!("p{pool} c{id} stalls for good"));
+                } else if self.chance(f.late_pong_p) {
+                    // tungstenite sends the queued pong on the next read: hold reading.
+                    let d = self.millis(f.pong_delay_ms);
+                    self.hold_until = Some(Instant::now() + d);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_start(&mut self, sid: String) {
+        if let Some(prev) = &self.session {
+            self.unfenced(format!(
+                "session.start for {sid} while {prev} has not ended"
+            ));
+        }
+        self.death_at = None;
+        if self.faults() && self.chance(self.backend.spec.faults.leased_death_p) {
+            let d = self.millis((0, 8000));
+            self.death_at = Some(Instant::now() + d);
+        }
+        self.seq = 0;
+        let msg = serde_json::json!({"type": "session.started", "session": sid}).to_string();
+        self.enqueue(Duration::ZERO, msg, false);
+        self.session = Some(sid);
+    }
+
+    fn on_end(&mut self, sid: &str) {
+        let Some(cur) = self.session.clone() else {
+            self.unfenced(format!("session.end for {sid} with no session"));
+            return;
+        };
+        if cur != sid {
+            self.unfenced(format!("session.end for {sid} while serving {cur}"));
+        }
+        let mut delay = self.millis(self.backend.spec.result_ms);
+        let f = self.backend.spec.faults.clone();
+        if self.faults() && self.chance(f.late_final_p) {
+            delay += self.millis(f.late_final_ms);
+            self.link.mark_faulted();
+        }
+        let fin =
+            serde_json::json!({"type": "final", "session": cur, "partials": self.seq}).to_string();
+        self.enqueue(delay, fin, false);
+        let ended = serde_json::json!({"type": "session.ended", "session": cur}).to_string();
+        self.enqueue(Duration::ZERO, ended, true);
+    }
+
+    fn on_data(&mut self, data: &[u8]) {
+        let Some(cur) = self.session.clone() else {
+            self.unfenced("data on a connection with no session".into());
+            return;
+        };
+        self.seq += 1;
+        let delay = self.millis(self.backend.spec.result_ms);
+        let msg = match self.backend.spec.mode {
+            Mode::Echo => {
+                let tag = String::from_utf8_lossy(&data[..data.len().min(24)]);
+                let tag = tag.split('|').next().unwrap_or("");
+                serde_json::json!({"type": "echo", "session": cur, "data": tag}).to_string()
+            }
+            Mode::Stt => {
+                serde_json::json!({"type": "partial", "session": cur, "seq": self.seq}).to_string()
+            }
+        };
+        self.enqueue(delay, msg, false);
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

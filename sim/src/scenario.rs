@@ -1,0 +1,250 @@
+//! The scenarios: each names a load and the faults injected while the fault
+//! phase lasts. After it, faults stop (backends back up, knobs off), the load
+//! stops, and the run checks that every pool settles at its target within the
+//! stated bound and that shutdown leaves nothing behind.
+
+use std::time::Duration;
+
+use crate::backend::{BackendSpec, Faults, Mode};
+
+/// Client arrivals and behaviour.
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// Poisson arrivals per second during the fault phase.
+    pub arrivals_per_s: f64,
+    /// Clients arriving all at once when the fault phase starts.
+    pub herd: usize,
+    /// Audio chunks per session, uniform.
+    pub chunks: (u32, u32),
+    /// Milliseconds between chunks, uniform per session.
+    pub interval_ms: (u64, u64),
+    pub chunk_bytes: usize,
+    /// Clients that vanish mid-stream / send a Close mid-stream / vanish
+    /// right after `session.end`; the rest end gracefully.
+    pub vanish_p: f64,
+    pub close_p: f64,
+    pub vanish_in_finish_p: f64,
+}
+
+/// Backends crashing and coming back.
+#[derive(Debug, Clone, Copy)]
+pub struct Crashes {
+    pub up_mean: Duration,
+    pub down_mean: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub backends: usize,
+    pub target: usize,
+    pub max: usize,
+    pub backend: BackendSpec,
+    pub load: Load,
+    /// Milliseconds between live target changes (uniform), if any.
+    pub storm_ms: Option<(u64, u64)>,
+    pub crashes: Option<Crashes>,
+    /// No load, no faults: pools warm up.
+    pub warmup: Duration,
+    /// Default length of the fault phase (`--duration` overrides).
+    pub duration: Duration,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+}
+
+const fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn base() -> Scenario {
+    Scenario {
+        name: "",
+        about: "",
+        backends: 2,
+        target: 8,
+        max: 12,
+        backend: BackendSpec {
+            mode: Mode::Echo,
+            dial_ms: (1, 20),
+            result_ms: (5, 60),
+            faults: Faults::default(),
+        },
+        load: Load {
+            arrivals_per_s: 1.5,
+            herd: 0,
+            chunks: (4, 24),
+            interval_ms: (250, 600),
+            chunk_bytes: 160,
+            vanish_p: 0.0,
+            close_p: 0.0,
+            vanish_in_finish_p: 0.0,
+        },
+        storm_ms: None,
+        crashes: None,
+        warmup: secs(10),
+        duration: secs(600),
+        health_interval: secs(10),
+        health_timeout: secs(2),
+    }
+}
+
+/// Every scenario, in `sim list` order.
+pub fn all() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "steady",
+            about: "baseline: steady sessions, no faults",
+            ..base()
+        },
+        Scenario {
+            name: "dial-faults",
+            about: "dials refused (40%), slow (up to 2 s extra) or hanging (5%); idle connections die to force redials",
+            backend: BackendSpec {
+                faults: Faults {
+                    dial_fail_p: 0.4,
+                    dial_delay_ms: (0, 2000),
+                    dial_hang_p: 0.05,
+                    idle_death_mean: Some(secs(40)),
+                    ..Faults::default()
+                },
+                ..base().backend
+            },
+            ..base()
+        },
+        Scenario {
+            name: "conn-deaths",
+            about: "connections die idle (reset or EOF) and leased (15% of sessions); finals too late for the drain timeout (5%)",
+            backend: BackendSpec {
+                mode: Mode::Stt,
+                result_ms: (50, 400),
+                faults: Faults {
+                    idle_death_mean: Some(secs(30)),
+                    leased_death_p: 0.15,
+                    late_final_p: 0.05,
+                    late_final_ms: (4000, 9000),
+                    ..Faults::default()
+                },
+                ..base().backend
+            },
+            ..base()
+        },
+        Scenario {
+            name: "late-pongs",
+            about: "health checks every 1 s race busy sessions: 30% of pongs late (0.1-0.6 s vs a 0.3 s timeout), 2% of pinged connections stall for good",
+            backend: BackendSpec {
+                faults: Faults {
+                    late_pong_p: 0.3,
+                    pong_delay_ms: (100, 600),
+                    stall_p: 0.02,
+                    ..Faults::default()
+                },
+                ..base().backend
+            },
+            load: Load {
+                arrivals_per_s: 3.0,
+                chunks: (2, 10),
+                ..base().load
+            },
+            health_interval: secs(1),
+            health_timeout: Duration::from_millis(300),
+            ..base()
+        },
+        Scenario {
+            name: "backend-crash",
+            about: "3 backends crash (all connections drop, dials refused) and come back: up ~40 s, down ~10 s",
+            backends: 3,
+            crashes: Some(Crashes {
+                up_mean: secs(40),
+                down_mean: secs(10),
+            }),
+            ..base()
+        },
+        Scenario {
+            name: "config-storm",
+            about: "a live target change every 10-30 ms (~3,000 per simulated minute) while sessions come and go",
+            max: 16,
+            storm_ms: Some((10, 30)),
+            load: Load {
+                arrivals_per_s: 2.0,
+                ..base().load
+            },
+            ..base()
+        },
+        Scenario {
+            name: "client-churn",
+            about: "8 sessions/s on small, saturated pools (target 4, max 6): 30% vanish mid-stream, 15% close mid-stream, 15% vanish right after session.end; waiters take the connections they hand back",
+            target: 4,
+            max: 6,
+            load: Load {
+                arrivals_per_s: 8.0,
+                chunks: (1, 8),
+                interval_ms: (100, 300),
+                vanish_p: 0.3,
+                close_p: 0.15,
+                vanish_in_finish_p: 0.15,
+                ..base().load
+            },
+            ..base()
+        },
+        Scenario {
+            name: "cold-start",
+            about: "thundering herd: 400 clients arrive at once on cold pools (target 32, max 48, dials 50-300 ms)",
+            target: 32,
+            max: 48,
+            warmup: Duration::ZERO,
+            backend: BackendSpec {
+                dial_ms: (50, 300),
+                ..base().backend
+            },
+            load: Load {
+                herd: 400,
+                arrivals_per_s: 2.0,
+                ..base().load
+            },
+            ..base()
+        },
+        Scenario {
+            name: "chaos",
+            about: "everything at once, milder: dial faults, deaths, late pongs, crashes, a target change every 0.2-2 s, churn",
+            backends: 3,
+            max: 16,
+            backend: BackendSpec {
+                mode: Mode::Stt,
+                result_ms: (20, 300),
+                faults: Faults {
+                    dial_fail_p: 0.2,
+                    dial_delay_ms: (0, 800),
+                    dial_hang_p: 0.02,
+                    idle_death_mean: Some(secs(60)),
+                    leased_death_p: 0.05,
+                    late_pong_p: 0.2,
+                    pong_delay_ms: (500, 3000),
+                    stall_p: 0.01,
+                    late_final_p: 0.03,
+                    late_final_ms: (4000, 8000),
+                },
+                ..base().backend
+            },
+            load: Load {
+                arrivals_per_s: 3.0,
+                vanish_p: 0.1,
+                close_p: 0.05,
+                vanish_in_finish_p: 0.05,
+                ..base().load
+            },
+            storm_ms: Some((200, 2000)),
+            crashes: Some(Crashes {
+                up_mean: secs(60),
+                down_mean: secs(8),
+            }),
+            health_interval: secs(3),
+            ..base()
+        },
+    ]
+}
+
+/// The scenario called `name`.
+pub fn find(name: &str) -> Option<Scenario> {
+    all().into_iter().find(|s| s.name == name)
+}

@@ -1,0 +1,353 @@
+//! The shared state of one run: the virtual clock, the trace, the truth about
+//! every pool, the session records and the checker. One lock around all of it;
+//! the runtime has one thread, so it is never contended. Never call into a pool
+//! while holding it: a pool may close (drop) a connection, which reports here.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::checker::{Checker, Kind};
+use crate::runtime::Clock;
+use crate::trace::Trace;
+use crate::truth::{ConnId, Holder, PoolTruth};
+
+/// What a client saw of its session.
+#[derive(Debug, Clone, Default)]
+pub struct ClientReport {
+    pub sent: u64,
+    pub received: u64,
+    pub got_ended: bool,
+    pub close_code: Option<u16>,
+    /// The client meant to end gracefully (and did not vanish).
+    pub graceful: bool,
+}
+
+/// One session, as the simulation saw it.
+#[derive(Debug, Clone, Default)]
+pub struct SessionRecord {
+    pub pool: Option<usize>,
+    pub conn: Option<ConnId>,
+    /// A fault was injected on its backend connection (or its backend crashed).
+    pub faulted: bool,
+    pub outcome: Option<&'static str>,
+    pub client: Option<ClientReport>,
+}
+
+/// Figures of a run beyond the violations.
+#[derive(Debug, Default, Clone)]
+pub struct RunStats {
+    /// Virtual milliseconds each session waited for a backend connection.
+    pub acquire_waits_ms: Vec<u64>,
+    pub sessions_started: u64,
+    pub sessions_rejected: u64,
+    pub sessions_clean: u64,
+    pub sessions_failed: u64,
+    /// Longest a snapshot (the pool's stats call) took, virtual ms.
+    pub worst_snapshot_ms: u64,
+}
+
+#[derive(Debug)]
+pub struct WorldState {
+    pub trace: Trace,
+    pub checker: Checker,
+    pub pools: Vec<PoolTruth>,
+    pub sessions: BTreeMap<u64, SessionRecord>,
+    pub stats: RunStats,
+}
+
+#[derive(Debug)]
+pub struct World {
+    state: Mutex<WorldState>,
+    pub clock: Clock,
+    /// Faults are injected only while this is set.
+    pub faults_on: AtomicBool,
+    next_conn: AtomicU64,
+}
+
+impl World {
+    pub fn new(clock: Clock, pools: Vec<PoolTruth>) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(WorldState {
+                trace: Trace::default(),
+                checker: Checker::default(),
+                pools,
+                sessions: BTreeMap::new(),
+                stats: RunStats::default(),
+            }),
+            clock,
+            faults_on: AtomicBool::new(false),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WorldState> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Run `f` on the state, with the current virtual time in ms.
+    pub fn with<R>(&self, f: impl FnOnce(&mut WorldState, u64) -> R) -> R {
+        let now = self.clock.ms();
+        f(&mut self.lock(), now)
+    }
+
+    pub fn faults(&self) -> bool {
+        self.faults_on.load(Ordering::Relaxed)
+    }
+
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Add an event to the trace.
+    pub fn note(&self, text: impl FnOnce() -> String) {
+        self.with(|s, now| s.trace.record(now, text()));
+    }
+
+    /// Report a violating event.
+    pub fn violation(&self, kind: Kind, detail: String) {
+        self.with(|s, now| s.checker.event(kind, now, detail, &mut s.trace));
+    }
+
+    // ---- the truth about connections -------------------------------------
+
+    /// A dial started; the returned flight must end with `succeeded` or `failed`
+    /// (dropped otherwise: the dial was abandoned).
+    pub fn dial_started(self: &Arc<Self>, pool: usize) -> DialFlight {
+        self.with(|s, now| {
+            let t = &mut s.pools[pool];
+            t.inflight += 1;
+            let (open, inflight) = (t.open.len(), t.inflight);
+            s.trace.record(
+                now,
+                format!("p{pool} dial starts (open {open}, dialing {inflight})"),
+            );
+            bound_check(s, pool, now);
+        });
+        DialFlight {
+            world: self.clone(),
+            pool,
+            done: false,
+        }
+    }
+
+    /// A dial that the pool's dialer gave up on (its timeout).
+    pub fn dial_timed_out(&self, pool: usize) {
+        self.with(|s, now| {
+            s.pools[pool].dial_failures += 1;
+            s.trace.record(now, format!("p{pool} dial timed out"));
+        });
+    }
+
+    /// The proxy's end of a connection was dropped: the connection is closed.
+    pub fn closed(&self, pool: usize, conn: ConnId) {
+        self.with(|s, now| {
+            let t = &mut s.pools[pool];
+            match t.open.remove(&conn) {
+                Some(holder) => {
+                    t.closed += 1;
+                    if let Holder::Session(_) = holder {
+                        t.session_held = t.session_held.saturating_sub(1);
+                    }
+                    s.trace.record(now, format!("p{pool} c{conn} closed"));
+                }
+                None => s.checker.event(
+                    Kind::LostConnection,
+                    now,
+                    format!("p{pool} c{conn} closed but was not open"),
+                    &mut s.trace,
+                ),
+            }
+            bound_check(s, pool, now);
+        });
+    }
+
+    /// A session took `conn` from pool `pool`.
+    pub fn leased(&self, pool: usize, conn: ConnId, session: u64, backend_gone: bool) {
+        self.with(|s, now| {
+            let t = &mut s.pools[pool];
+            t.acquired += 1;
+            let before = t.open.get(&conn).copied();
+            match before {
+                Some(Holder::Pool) => {
+                    t.open.insert(conn, Holder::Session(session));
+                    t.session_held += 1;
+                    s.trace
+                        .record(now, format!("p{pool} c{conn} leased to s{session}"));
+                }
+                Some(Holder::Session(other)) => s.checker.event(
+                    Kind::DoubleLease,
+                    now,
+                    format!("p{pool} c{conn} leased to s{session} while s{other} holds it"),
+                    &mut s.trace,
+                ),
+                None => s.checker.event(
+                    Kind::DeadHandout,
+                    now,
+                    format!("p{pool} c{conn} leased to s{session} but already closed"),
+                    &mut s.trace,
+                ),
+            }
+            if backend_gone {
+                s.checker.event(
+                    Kind::DeadHandout,
+                    now,
+                    format!("p{pool} c{conn} leased to s{session} after its backend closed it"),
+                    &mut s.trace,
+                );
+            }
+            let r = s.sessions.entry(session).or_default();
+            r.pool = Some(pool);
+            r.conn = Some(conn);
+        });
+    }
+
+    /// A session handed `conn` back (released or discarded).
+    pub fn returned(&self, pool: usize, conn: ConnId, session: u64, how: &str) {
+        self.with(|s, now| {
+            let t = &mut s.pools[pool];
+            if let Some(h) = t.open.get_mut(&conn)
+                && *h == Holder::Session(session)
+            {
+                *h = Holder::Pool;
+                t.session_held = t.session_held.saturating_sub(1);
+            }
+            s.trace
+                .record(now, format!("p{pool} c{conn} {how} by s{session}"));
+        });
+    }
+
+    /// The outcome of a session's release, judged against §4's contract:
+    /// kept if and only if alive, the pool open and not above target.
+    pub fn release_done(&self, r: &ReleaseFacts) {
+        self.with(|s, now| {
+            let pool = r.pool;
+            let still_open = s.pools[pool].open.contains_key(&r.conn);
+            if r.kept {
+                s.pools[pool].released_kept += 1;
+            }
+            if r.kept != still_open {
+                s.checker.event(
+                    Kind::LostConnection,
+                    now,
+                    format!(
+                        "p{pool} c{}: release reported kept={} but the connection is {}",
+                        r.conn,
+                        r.kept,
+                        if still_open { "open" } else { "closed" }
+                    ),
+                    &mut s.trace,
+                );
+            }
+            let should_keep = r.alive && !r.draining && r.live_before <= r.target;
+            if r.kept != should_keep {
+                let why = if r.kept && r.live_before > r.target {
+                    format!(
+                        "kept c{} although live {} > target {}",
+                        r.conn, r.live_before, r.target
+                    )
+                } else if r.kept {
+                    format!("kept c{} although it is dead or the pool drains", r.conn)
+                } else {
+                    format!(
+                        "closed healthy c{} at live {} <= target {}",
+                        r.conn, r.live_before, r.target
+                    )
+                };
+                s.checker.event(
+                    Kind::ReleaseContract,
+                    now,
+                    format!("p{pool}: {why}"),
+                    &mut s.trace,
+                );
+            }
+        });
+    }
+
+    /// Truth: live connections of a pool now.
+    pub fn live(&self, pool: usize) -> usize {
+        self.with(|s, _| s.pools[pool].live())
+    }
+}
+
+/// What a session's release found and did.
+#[derive(Debug, Clone, Copy)]
+pub struct ReleaseFacts {
+    pub pool: usize,
+    pub conn: ConnId,
+    /// The connection passed its liveness check just before.
+    pub alive: bool,
+    pub draining: bool,
+    /// Truth: live connections just before the release.
+    pub live_before: usize,
+    pub target: usize,
+    /// The pool kept the connection as idle.
+    pub kept: bool,
+}
+
+fn bound_check(s: &mut WorldState, pool: usize, now: u64) {
+    let t = &mut s.pools[pool];
+    let over = t.note_live();
+    let (live, max) = (t.live(), t.max);
+    let name = t.name.clone();
+    s.checker.condition(
+        Kind::OverMax,
+        &name,
+        over,
+        now,
+        || format!("live {live} (open + dialing) > max {max}"),
+        &mut s.trace,
+    );
+}
+
+/// A dial in flight, counted in the pool's truth until it ends.
+#[derive(Debug)]
+pub struct DialFlight {
+    world: Arc<World>,
+    pool: usize,
+    done: bool,
+}
+
+impl DialFlight {
+    /// The dial produced connection `conn` (now open).
+    pub fn succeeded(mut self, conn: ConnId) {
+        self.done = true;
+        let pool = self.pool;
+        self.world.with(|s, now| {
+            let t = &mut s.pools[pool];
+            t.inflight = t.inflight.saturating_sub(1);
+            t.open.insert(conn, Holder::Pool);
+            t.opened += 1;
+            s.trace.record(now, format!("p{pool} c{conn} dialed"));
+            bound_check(s, pool, now);
+        });
+    }
+
+    /// The dial failed.
+    pub fn failed(mut self, why: &str) {
+        self.done = true;
+        let pool = self.pool;
+        self.world.with(|s, now| {
+            let t = &mut s.pools[pool];
+            t.inflight = t.inflight.saturating_sub(1);
+            t.dial_failures += 1;
+            s.trace.record(now, format!("p{pool} dial failed: {why}"));
+        });
+    }
+}
+
+impl Drop for DialFlight {
+    fn drop(&mut self) {
+        if !self.done {
+            let pool = self.pool;
+            self.world.with(|s, now| {
+                let t = &mut s.pools[pool];
+                t.inflight = t.inflight.saturating_sub(1);
+                s.trace.record(now, format!("p{pool} dial abandoned"));
+            });
+        }
+    }
+}
