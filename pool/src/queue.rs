@@ -7,9 +7,11 @@
 //! high bits, so an arbitrary capacity works and a position from an old lap can
 //! never be mistaken for a current one.
 //!
-//! `push` and `pop` never take a lock and never allocate after construction. A
-//! thread may spin briefly while another thread is in the middle of claiming the
-//! same slot; it never waits for a thread that is not currently in `push`/`pop`.
+//! `push` and `pop` never take a lock and never allocate after construction.
+//! `pop` never waits for another thread: a slot claimed by a producer that has
+//! not finished writing it counts as empty. `push` may spin briefly on a slot a
+//! consumer is in the middle of freeing, which happens only when the queue is
+//! full (and a pool's queue has room for every connection it may hold).
 
 use crossbeam_utils::CachePadded;
 use std::mem::MaybeUninit;
@@ -156,15 +158,12 @@ impl<T> ArrayQueue<T> {
                     Err(current) => head = current,
                 }
             } else if stamp == head {
-                // The slot is empty for this lap: empty, unless a producer has moved
-                // tail on since (and is about to stamp the slot).
-                fence(Ordering::SeqCst);
-                let tail = self.tail.load(Ordering::Relaxed);
-                if tail == head {
-                    return None;
-                }
-                head = self.head.load(Ordering::Relaxed);
-                spin_hint();
+                // The slot is empty for this lap. If a producer has claimed it but
+                // not stamped it yet, its push has not completed: report empty
+                // rather than wait for it (a preempted producer would stall every
+                // consumer), as Vyukov's original does. Linearizable: the pop
+                // takes effect before that push does.
+                return None;
             } else {
                 // Another consumer took this position, or our view is stale.
                 spin_hint();
