@@ -73,13 +73,11 @@ impl Proxy {
     pub async fn start(settings: &Settings) -> Result<Self, StartError> {
         settings.validate()?;
         let listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "client",
-                    addr: settings.listen,
-                    source,
-                })?;
+            bind_client_listener(settings.listen).map_err(|source| StartError::Bind {
+                what: "client",
+                addr: settings.listen,
+                source,
+            })?;
         let admin_listener =
             TcpListener::bind(settings.admin)
                 .await
@@ -275,4 +273,20 @@ impl Proxy {
         self.background.close();
         self.background.wait().await;
     }
+}
+
+/// The client listener, with a deep accept backlog: thousands of devices
+/// reconnect at once after a network blip or a deploy, and with the default
+/// backlog the kernel drops their SYNs and they retry seconds later. (The
+/// kernel caps it at `net.core.somaxconn`.)
+fn bind_client_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    const BACKLOG: u32 = 8192;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
