@@ -16,6 +16,10 @@ loom:
 bench:
     cargo bench -p sttproxy-pool --bench pool
 
+# Fault simulation: every scenario, many seeds, ours vs the naive pool.
+sim-sweep seeds="30":
+    cargo run --release -p sim -- sweep --scenario all --seeds {{seeds}} --duration 10m
+
 lint:
     cargo clippy --workspace --all-targets -- -D warnings
     cargo fmt --all --check
