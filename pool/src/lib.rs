@@ -11,6 +11,7 @@
 //!   CAS slot [`Reservation`]s for dials, O(1) [`PoolSnapshot`]s.
 //! - [`Signal`]: the coalescing request flag a pool's single reconcile worker waits on.
 
+mod cache;
 mod counter;
 mod pool;
 mod queue;
@@ -29,4 +30,11 @@ pub use signal::{Signal, SignalWait};
 #[doc(hidden)]
 pub mod __private {
     pub use crate::queue::ArrayQueue;
+
+    /// Put the calling thread on parking/counter stripe `n` (tests only:
+    /// proptest and loom use it to exercise acquires that steal from another
+    /// thread's stripe).
+    pub fn set_thread_stripe(n: usize) {
+        crate::sync::set_stripe(n);
+    }
 }

@@ -26,6 +26,7 @@ use std::task::{Context, Poll};
 
 use crossbeam_utils::CachePadded;
 
+use crate::cache::{STRIPES, StripeCache};
 use crate::counter::StripedCounter;
 use crate::queue::ArrayQueue;
 use crate::signal::Signal;
@@ -79,6 +80,9 @@ pub struct PoolCore<C> {
     /// words whatever the connection's size: the queue is allocated for its
     /// full capacity up front (a WebSocket connection is ~1.4 KiB inline).
     idle: ArrayQueue<Box<C>>,
+    /// More idle connections, parked one per thread stripe by sessions'
+    /// releases (see `cache.rs`). Idle = queued + parked.
+    parked: StripeCache<C>,
     /// idle + leased + dialing. Invariant: `live <= max` at every instant.
     live: CachePadded<AtomicUsize>,
     /// Reservations not yet offered or given back.
@@ -165,6 +169,7 @@ impl<C: Connection> ConnPool<C> {
         Self {
             shared: Arc::new(PoolCore {
                 idle: ArrayQueue::new(capacity),
+                parked: StripeCache::new(),
                 live: CachePadded::new(AtomicUsize::new(0)),
                 dialing: AtomicUsize::new(0),
                 target: AtomicUsize::new(target),
@@ -300,6 +305,19 @@ impl<C: Connection> ConnPool<C> {
                 closed += 1;
             }
         }
+        for i in 0..STRIPES {
+            let Some(conn) = s.parked.take(i) else {
+                continue;
+            };
+            if conn.is_alive() {
+                if s.put_back(conn, false) == Returned::Closed {
+                    closed += 1;
+                }
+            } else {
+                s.close_conn(conn);
+                closed += 1;
+            }
+        }
         closed
     }
 
@@ -309,8 +327,16 @@ impl<C: Connection> ConnPool<C> {
         let s = &*self.shared;
         let mut closed = 0;
         while s.live.load(Ordering::Acquire) > s.target.load(Ordering::Acquire) {
-            let Some(conn) = s.idle.pop() else { break };
-            s.maint_pops.incr();
+            let conn = match s.idle.pop() {
+                Some(c) => {
+                    s.maint_pops.incr();
+                    c
+                }
+                None => match (0..STRIPES).find_map(|i| s.parked.take(i)) {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
             if s.put_back(conn, false) == Returned::Closed {
                 closed += 1;
             } else {
@@ -348,7 +374,7 @@ impl<C: Connection> ConnPool<C> {
         let s = &*self.shared;
         let live = s.live.load(Ordering::Acquire);
         let dialing = s.dialing.load(Ordering::Acquire);
-        let idle = s.idle.len();
+        let idle = s.idle.len() + s.parked.len();
         PoolSnapshot {
             capacity: s.idle.capacity(),
             target: s.target.load(Ordering::Acquire),
@@ -362,8 +388,13 @@ impl<C: Connection> ConnPool<C> {
                 .idle
                 .total_pops()
                 .wrapping_sub(s.maint_pops.sum())
-                .wrapping_add(s.direct_leases.sum()),
-            released_total: s.idle.total_pushes().wrapping_sub(s.maint_pushes.sum()),
+                .wrapping_add(s.direct_leases.sum())
+                .wrapping_add(s.parked.takes()),
+            released_total: s
+                .idle
+                .total_pushes()
+                .wrapping_sub(s.maint_pushes.sum())
+                .wrapping_add(s.parked.puts()),
             discarded_total: s.discarded.sum(),
             dial_failures_total: s.dial_failures.sum(),
         }
@@ -387,9 +418,18 @@ impl<C: Connection> fmt::Debug for ConnPool<C> {
 impl<C: Connection> PoolCore<C> {
     /// Pop an alive idle connection. `session`: for a session's lease (counted
     /// by derivation) rather than maintenance (counted in `maint_pops`).
+    ///
+    /// A session looks at its own stripe's parked connection first, then the
+    /// queue, then every other stripe; maintenance looks at the queue first
+    /// (so a health round reaches the longest idle connections), then every
+    /// stripe. Dead connections met on the way are closed.
     fn acquire(&self, session: bool) -> Option<Box<C>> {
         if self.state.load(Ordering::Acquire) != OPEN {
             return None;
+        }
+        let own = self.parked.own();
+        if session && let Some(conn) = self.take_parked(own, session) {
+            return Some(conn);
         }
         while let Some(conn) = self.idle.pop() {
             if conn.is_alive() {
@@ -401,7 +441,23 @@ impl<C: Connection> PoolCore<C> {
             self.maint_pops.incr();
             self.close_conn(conn);
         }
-        None
+        (0..STRIPES)
+            .filter(|&i| !(session && i == own))
+            .find_map(|i| self.take_parked(i, session))
+    }
+
+    /// An alive connection parked on stripe `i`; a dead one is closed.
+    fn take_parked(&self, i: usize, session: bool) -> Option<Box<C>> {
+        let conn = self.parked.take(i)?;
+        if conn.is_alive() {
+            if session {
+                self.parked.count_take(i);
+            }
+            Some(conn)
+        } else {
+            self.close_conn(conn);
+            None
+        }
     }
 
     /// Close a connection that holds a slot, and give the slot up.
@@ -455,13 +511,22 @@ impl<C: Connection> PoolCore<C> {
             self.discarded.incr();
             return Returned::Closed;
         }
-        if let Err(conn) = self.idle.push(conn) {
-            // Unreachable while `live <= max <= capacity`; close rather than lose it.
-            self.close_conn(conn);
-            return Returned::Closed;
-        }
-        if !session {
-            self.maint_pushes.incr();
+        // A session's release parks the connection on its thread's stripe when
+        // that slot is free; everything else goes to the queue.
+        let conn = if session {
+            self.parked.put(conn, true).err()
+        } else {
+            Some(conn)
+        };
+        if let Some(conn) = conn {
+            if let Err(conn) = self.idle.push(conn) {
+                // Unreachable while `live <= max <= capacity`; close rather than lose it.
+                self.close_conn(conn);
+                return Returned::Closed;
+            }
+            if !session {
+                self.maint_pushes.incr();
+            }
         }
         // Pairs with the fences in `shut` and `AcquireWait::poll`: either they
         // see the connection we just queued, or we see their flag or
@@ -483,6 +548,11 @@ impl<C: Connection> PoolCore<C> {
         while let Some(conn) = self.idle.pop() {
             self.maint_pops.incr();
             self.close_conn(conn);
+        }
+        for i in 0..STRIPES {
+            if let Some(conn) = self.parked.take(i) {
+                self.close_conn(conn);
+            }
         }
     }
 

@@ -7,7 +7,7 @@
 #[cfg(loom)]
 mod imp {
     pub(crate) use loom::cell::UnsafeCell;
-    pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering, fence};
+    pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicUsize, Ordering, fence};
     pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
 
     /// Hint that we are spinning on another thread's progress (a yield point under loom).
@@ -15,17 +15,25 @@ mod imp {
         loom::hint::spin_loop();
     }
 
-    /// Which stripe of a [`crate::counter::StripedCounter`] this thread bumps.
-    /// loom's threads are few and short-lived, so one stripe keeps the model small;
-    /// the summing code checked by loom is the same either way.
+    loom::thread_local! {
+        static STRIPE: std::cell::Cell<usize> = std::cell::Cell::new(0);
+    }
+
+    /// This thread's stripe (of the counters and the parking slots). Under loom
+    /// every thread starts on stripe 0; a test moves a thread with
+    /// `set_stripe` to check what crosses stripes.
     pub(crate) fn stripe_hint() -> usize {
-        0
+        STRIPE.with(|s| s.get())
+    }
+
+    pub(crate) fn set_stripe(n: usize) {
+        STRIPE.with(|s| s.set(n));
     }
 }
 
 #[cfg(not(loom))]
 mod imp {
-    pub(crate) use std::sync::atomic::{AtomicUsize, Ordering, fence};
+    pub(crate) use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering, fence};
     pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
 
     /// Hint that we are spinning on another thread's progress.
@@ -37,11 +45,6 @@ mod imp {
     /// small per-thread number handed out round-robin on first use, so threads that
     /// run concurrently mostly touch different cache lines.
     pub(crate) fn stripe_hint() -> usize {
-        use std::cell::Cell;
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        thread_local! {
-            static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
-        }
         STRIPE.with(|s| {
             let mut v = s.get();
             if v == usize::MAX {
@@ -50,6 +53,17 @@ mod imp {
             }
             v
         })
+    }
+
+    use std::cell::Cell;
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+
+    /// Put this thread on stripe `n` (tests use it to exercise stealing).
+    pub(crate) fn set_stripe(n: usize) {
+        STRIPE.with(|s| s.set(n));
     }
 
     /// `std::cell::UnsafeCell` with loom's closure-based API, so call sites are

@@ -402,3 +402,52 @@ use std::future::Future;
 fn futures_noop_waker() -> std::task::Waker {
     std::task::Waker::noop().clone()
 }
+
+// 7. A connection parked on one thread's stripe is found by an acquire on
+//    another stripe, and a release parked on one stripe wakes a waiter on
+//    another: parking never hides an idle connection.
+#[test]
+fn parked_connection_is_found_from_another_stripe() {
+    loom::model(|| {
+        let w = world(1, 1, 1);
+        let lease = w.pool.acquire().unwrap();
+        let pool = w.pool.clone();
+        let waiter = thread::spawn(move || {
+            sttproxy_pool::__private::set_thread_stripe(1);
+            let lease = loom::future::block_on(pool.acquire_wait()).expect("pool is open");
+            hold(&lease);
+            lease.release();
+        });
+        // This thread (stripe 0) parks the connection on its own stripe.
+        hold(&lease);
+        assert_eq!(lease.release(), Returned::Idle);
+        waiter.join().unwrap();
+        let s = w.pool.snapshot();
+        assert_eq!((s.live, s.idle, s.leased), (1, 1, 0));
+        assert_eq!((s.acquired_total, s.released_total), (2, 2));
+    });
+}
+
+// 8. Drain racing a release that parks on another stripe: nothing stays idle.
+#[test]
+fn drain_racing_a_parking_release_closes_everything() {
+    loom::model(|| {
+        let w = world(1, 1, 1);
+        let lease = w.pool.acquire().unwrap();
+        let pool = w.pool.clone();
+        let releaser = thread::spawn(move || {
+            sttproxy_pool::__private::set_thread_stripe(1);
+            lease.release();
+        });
+        pool_drain_and_check(&w.pool);
+        releaser.join().unwrap();
+        let s = w.pool.snapshot();
+        assert_eq!((s.live, s.idle), (0, 0));
+        assert_eq!(w.closed.lock().unwrap().as_slice(), &[0]);
+    });
+}
+
+fn pool_drain_and_check(pool: &ConnPool<Conn>) {
+    pool.drain();
+    assert!(pool.acquire().is_none());
+}

@@ -43,6 +43,9 @@ enum Op {
     Drain,
     /// A health check: take an idle connection out (uncounted) and put it back.
     HealthCheck,
+    /// Move the test thread to another parking stripe (as if the next calls
+    /// came from another worker thread).
+    SetStripe(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -60,6 +63,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Prune),
         1 => Just(Op::Shrink),
         1 => Just(Op::HealthCheck),
+        1 => (0usize..3).prop_map(Op::SetStripe),
         // Rare, so most sequences spend their time in the open pool.
         1 => (0usize..8).prop_map(|n| if n == 0 { Op::Drain } else { Op::Acquire }),
     ]
@@ -69,6 +73,9 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Default)]
 struct Model {
     idle: VecDeque<usize>,
+    /// The connection parked on each stripe (pool/src/cache.rs).
+    parked: [Option<usize>; 8],
+    stripe: usize,
     leased: Vec<usize>,
     reserved: usize,
     closed: BTreeSet<usize>,
@@ -80,8 +87,43 @@ struct Model {
 }
 
 impl Model {
+    fn idle_count(&self) -> usize {
+        self.idle.len() + self.parked.iter().flatten().count()
+    }
+
     fn live(&self) -> usize {
-        self.idle.len() + self.leased.len() + self.reserved
+        self.idle_count() + self.leased.len() + self.reserved
+    }
+
+    /// A connection parked on stripe `i`, if alive; a dead one is closed.
+    fn take_parked(&mut self, i: usize, alive: &[Arc<AtomicBool>]) -> Option<usize> {
+        let id = self.parked[i].take()?;
+        if alive[id].load(Ordering::SeqCst) {
+            Some(id)
+        } else {
+            self.close(id);
+            None
+        }
+    }
+
+    /// What `acquire` (session) or `checkout_idle` (maintenance) hands out.
+    fn acquire(&mut self, session: bool, alive: &[Arc<AtomicBool>]) -> Option<usize> {
+        if self.draining {
+            return None;
+        }
+        let own = self.stripe;
+        if session && let Some(id) = self.take_parked(own, alive) {
+            return Some(id);
+        }
+        while let Some(id) = self.idle.pop_front() {
+            if alive[id].load(Ordering::SeqCst) {
+                return Some(id);
+            }
+            self.close(id);
+        }
+        (0..8)
+            .filter(|&i| !(session && i == own))
+            .find_map(|i| self.take_parked(i, alive))
     }
 
     fn close(&mut self, id: usize) {
@@ -91,11 +133,20 @@ impl Model {
     /// What `put_back` does with a connection that holds a slot. The caller has
     /// already taken `id` out of its place, so `live()` does not count it.
     fn put_back(&mut self, id: usize, alive: bool) -> Returned {
+        self.put_back_as(id, alive, false)
+    }
+
+    /// `session`: a session's release parks on the thread's stripe if free.
+    fn put_back_as(&mut self, id: usize, alive: bool, session: bool) -> Returned {
         if !alive || self.draining || self.live() + 1 > self.target {
             self.close(id);
             Returned::Closed
         } else {
-            self.idle.push_back(id);
+            if session && self.parked[self.stripe].is_none() {
+                self.parked[self.stripe] = Some(id);
+            } else {
+                self.idle.push_back(id);
+            }
             Returned::Idle
         }
     }
@@ -112,6 +163,7 @@ struct Harness {
 
 impl Harness {
     fn new(target: usize, max: usize) -> Self {
+        sttproxy_pool::__private::set_thread_stripe(0);
         Self {
             pool: ConnPool::new(PoolConfig::new(target, max)),
             model: Model {
@@ -142,16 +194,7 @@ impl Harness {
         match *op {
             Op::Acquire => {
                 let got = self.pool.acquire();
-                let mut expect = None;
-                if !m.draining {
-                    while let Some(id) = m.idle.pop_front() {
-                        if self.alive[id].load(Ordering::SeqCst) {
-                            expect = Some(id);
-                            break;
-                        }
-                        m.close(id);
-                    }
-                }
+                let expect = m.acquire(true, &self.alive);
                 assert_eq!(got.as_ref().map(|l| l.id), expect, "acquire");
                 if let Some(l) = got {
                     m.leased.push(l.id);
@@ -170,7 +213,7 @@ impl Harness {
                 match op {
                     Op::Release(_) => {
                         let alive = self.alive[id].load(Ordering::SeqCst);
-                        let want = m.put_back(id, alive);
+                        let want = m.put_back_as(id, alive, true);
                         if want == Returned::Idle {
                             m.released += 1;
                         }
@@ -228,8 +271,13 @@ impl Harness {
                 self.pool.set_target(t);
             }
             Op::MarkDead(i) => {
-                let candidates: Vec<usize> =
-                    m.idle.iter().chain(m.leased.iter()).copied().collect();
+                let candidates: Vec<usize> = m
+                    .idle
+                    .iter()
+                    .chain(m.parked.iter().flatten())
+                    .chain(m.leased.iter())
+                    .copied()
+                    .collect();
                 if let Some(&id) = candidates.get(i % candidates.len().max(1)) {
                     self.alive[id].store(false, Ordering::SeqCst);
                 }
@@ -244,27 +292,38 @@ impl Harness {
                         m.close(id);
                     }
                 }
+                for i in 0..8 {
+                    let Some(id) = m.parked[i].take() else {
+                        continue;
+                    };
+                    if self.alive[id].load(Ordering::SeqCst) {
+                        m.put_back(id, true);
+                    } else {
+                        m.close(id);
+                    }
+                }
                 self.pool.prune_dead_idle();
             }
             Op::Shrink => {
                 while m.live() > m.target {
-                    let Some(id) = m.idle.pop_front() else { break };
+                    let id = match m.idle.pop_front() {
+                        Some(id) => id,
+                        None => match m.parked.iter_mut().find_map(Option::take) {
+                            Some(id) => id,
+                            None => break,
+                        },
+                    };
                     m.close(id);
                 }
                 self.pool.shrink_to_target();
             }
+            Op::SetStripe(k) => {
+                m.stripe = k;
+                sttproxy_pool::__private::set_thread_stripe(k);
+            }
             Op::HealthCheck => {
                 let got = self.pool.checkout_idle();
-                let mut expect = None;
-                if !m.draining {
-                    while let Some(id) = m.idle.pop_front() {
-                        if self.alive[id].load(Ordering::SeqCst) {
-                            expect = Some(id);
-                            break;
-                        }
-                        m.close(id);
-                    }
-                }
+                let expect = m.acquire(false, &self.alive);
                 assert_eq!(got.as_ref().map(|l| l.id), expect, "checkout_idle");
                 if let Some(l) = got {
                     let alive = self.alive[l.id].load(Ordering::SeqCst);
@@ -277,6 +336,11 @@ impl Harness {
                 while let Some(id) = m.idle.pop_front() {
                     m.close(id);
                 }
+                for i in 0..8 {
+                    if let Some(id) = m.parked[i].take() {
+                        m.close(id);
+                    }
+                }
                 self.pool.drain();
             }
         }
@@ -287,7 +351,7 @@ impl Harness {
         let s = self.pool.snapshot();
         assert!(s.live <= s.max, "live {} > max {}", s.live, s.max);
         assert_eq!(s.live, m.live(), "live");
-        assert_eq!(s.idle, m.idle.len(), "idle");
+        assert_eq!(s.idle, m.idle_count(), "idle");
         assert_eq!(s.leased, m.leased.len(), "leased");
         assert_eq!(s.dialing, m.reserved, "dialing");
         assert_eq!(s.target, m.target, "target");
@@ -303,6 +367,7 @@ impl Harness {
         // Every connection ever made is in exactly one place.
         for id in 0..self.alive.len() {
             let places = usize::from(m.idle.contains(&id))
+                + m.parked.iter().filter(|p| **p == Some(id)).count()
                 + m.leased.iter().filter(|&&x| x == id).count()
                 + usize::from(m.closed.contains(&id));
             assert_eq!(places, 1, "connection {id} is in {places} places");
