@@ -8,6 +8,7 @@
 #   WORKERS     worker processes                    (number of cores: nproc)
 #   LOG_LEVEL   gunicorn/uvicorn log level          (warning; info logs every connection)
 #   PYTHON      interpreter used to create .venv    (python3)
+#   BASELINE_PREPARE_ONLY=1   only create/refresh .venv, then exit
 #   STTPROXY_*  proxy settings, see app.py          (STTPROXY_BACKENDS, STTPROXY_POOL_SIZE, ...)
 # Extra arguments are passed on to gunicorn.
 set -euo pipefail
@@ -29,6 +30,12 @@ if [[ ! -x "$venv/bin/python" || ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]
     [[ -x "$venv/bin/python" ]] || "$PYTHON" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt >&2
     echo "$want" > "$stamp"
+fi
+
+# With BASELINE_PREPARE_ONLY=1, stop here: the reproduction prepares the venv
+# while it builds the Rust binaries.
+if [[ "${BASELINE_PREPARE_ONLY:-0}" == "1" ]]; then
+    exit 0
 fi
 
 # 2. File descriptors: every proxied session holds two sockets. Raise the soft limit to the

@@ -252,7 +252,7 @@ impl Env {
             .env("STTPROXY_POOL_MAX", (per_worker * 4).to_string())
             .env("WORKERS", self.workers.to_string())
             .env("BIND", &bind);
-        eprintln!("repro: python: starting (the first run creates its virtualenv) ...");
+        eprintln!("repro: python: starting ...");
         let mut py = Proc::spawn("python", cmd, &self.out)?;
         py.ready_line("baseline listening on", Duration::from_secs(600))?;
         let run = self.load("python", &format!("ws://{bind}/v1/stream"), py.pid());
@@ -335,6 +335,14 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 /// Run the whole reproduction; returns the report directory.
 pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
+    // The Python baseline's virtualenv is mostly downloads: prepare it while
+    // the Rust binaries build.
+    let venv = Command::new("bash")
+        .arg(root.join("baseline/python/run.sh"))
+        .env("BASELINE_PREPARE_ONLY", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn();
     if !opts.no_build {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         eprintln!("repro: building the release binaries ...");
@@ -356,6 +364,14 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
             bail!("cargo build failed ({status})");
         }
     }
+    let venv_ready = match venv {
+        Ok(mut child) => match child.wait() {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => Err(format!("preparing its virtualenv failed ({status})")),
+            Err(e) => Err(format!("preparing its virtualenv: {e}")),
+        },
+        Err(e) => Err(format!("starting baseline/python/run.sh: {e}")),
+    };
     let out = match &opts.out {
         Some(o) => o.clone(),
         None => root.join("reports/out").join(timestamp()),
@@ -395,7 +411,10 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
     };
     let mut runs = Vec::new();
     runs.push(env.sttproxy().context("measuring sttproxy")?);
-    match env.python() {
+    match venv_ready
+        .map_err(anyhow::Error::msg)
+        .and_then(|()| env.python())
+    {
         Ok(r) => runs.push(r),
         Err(e) => notes.skipped.push(format!("python baseline: {e:#}")),
     }
