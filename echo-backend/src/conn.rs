@@ -372,7 +372,7 @@ impl Conn<'_> {
                 });
                 self.push(now, Message::text(reply), OutKind::Control);
             }
-            Control::End { session } => {
+            Control::End { session, fence } => {
                 let open = self.session.take();
                 let id = match (session, &open) {
                     (Some(id), Some(open)) if id != open.id => {
@@ -395,7 +395,10 @@ impl Conn<'_> {
                     let text = protocol::final_result(&id, seq, chunks, bytes);
                     self.push(now, Message::text(text), OutKind::Data);
                 }
-                self.push(now, Message::text(protocol::ended(&id)), OutKind::Ended);
+                // The fence token goes back as it came: only this reply completes the
+                // proxy's fence.
+                let ended = protocol::ended(&id, fence.as_ref());
+                self.push(now, Message::text(ended), OutKind::Ended);
             }
         }
     }

@@ -11,6 +11,9 @@
 //!   simulated inference delay; `session.end` yields a `final` and then `session.ended`, after
 //!   every earlier result. Outputs on one connection never overtake each other.
 //!
+//! In both modes `session.ended` echoes the `fence` token of the `session.end` it answers
+//! (and has none if that had none): the proxy completes its fence only on that token.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), echo_backend::Error> {
 //! let backend = echo_backend::spawn("127.0.0.1:0".parse().unwrap(), Default::default()).await?;

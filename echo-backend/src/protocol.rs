@@ -1,6 +1,12 @@
 //! The fencing protocol's control messages (DESIGN.md §3) and the stt results.
+//!
+//! The proxy's `session.end` carries a fence token (`"fence"`) that only the proxy and the
+//! backend know; `session.ended` echoes it back unchanged, and only that reply completes the
+//! proxy's fence. A `session.end` without a token (an older proxy, a test) gets a
+//! `session.ended` without one.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// The proxy's control messages start with these bytes (the fast path).
 const CONTROL_PREFIX: &[u8] = br#"{"type":"session."#;
@@ -10,8 +16,14 @@ const CONTROL_MARKER: &str = r#""session."#;
 /// A control message from the proxy.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Control {
-    Start { session: String },
-    End { session: Option<String> },
+    Start {
+        session: String,
+    },
+    End {
+        session: Option<String>,
+        /// The proxy's fence token, echoed back in `session.ended` as it was given.
+        fence: Option<Value>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -20,6 +32,8 @@ struct RawControl<'a> {
     kind: std::borrow::Cow<'a, str>,
     #[serde(default)]
     session: Option<String>,
+    #[serde(default)]
+    fence: Option<Value>,
 }
 
 /// Recognizes a control message: a text message that parses as a JSON object whose `type`
@@ -40,6 +54,7 @@ pub(crate) fn parse_control(text: &str) -> Option<Control> {
         }),
         "session.end" => Some(Control::End {
             session: raw.session,
+            fence: raw.fence,
         }),
         _ => None,
     }
@@ -50,6 +65,8 @@ struct Reply<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     session: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fence: Option<&'a Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -67,16 +84,19 @@ pub(crate) fn started(session: &str) -> String {
     render(&Reply {
         kind: "session.started",
         session: Some(session),
+        fence: None,
         seq: None,
         text: None,
     })
 }
 
-/// `{"type":"session.ended","session":ID}`
-pub(crate) fn ended(session: &str) -> String {
+/// `{"type":"session.ended","session":ID,"fence":TOKEN}`: the fence token of the
+/// `session.end` it answers, echoed as it was given; no `fence` key if it had none.
+pub(crate) fn ended(session: &str, fence: Option<&Value>) -> String {
     render(&Reply {
         kind: "session.ended",
         session: Some(session),
+        fence,
         seq: None,
         text: None,
     })
@@ -88,6 +108,7 @@ pub(crate) fn partial(session: Option<&str>, seq: u64, chunk_len: usize) -> Stri
     render(&Reply {
         kind: "partial",
         session,
+        fence: None,
         seq: Some(seq),
         text: Some(&text),
     })
@@ -99,6 +120,7 @@ pub(crate) fn final_result(session: &str, seq: u64, chunks: u64, bytes: u64) -> 
     render(&Reply {
         kind: "final",
         session: Some(session),
+        fence: None,
         seq: Some(seq),
         text: Some(&text),
     })
@@ -120,12 +142,33 @@ mod tests {
         assert_eq!(
             parse_control(r#"{"type":"session.end","session":"a\"1"}"#),
             Some(Control::End {
-                session: Some("a\"1".into())
+                session: Some("a\"1".into()),
+                fence: None,
             })
         );
         assert_eq!(
             parse_control(r#"{"type":"session.end"}"#),
-            Some(Control::End { session: None })
+            Some(Control::End {
+                session: None,
+                fence: None
+            })
+        );
+        // The proxy's fence token, in either key order.
+        assert_eq!(
+            parse_control(
+                r#"{"type":"session.end","session":"a1","fence":"0123456789abcdef0123456789abcdef"}"#
+            ),
+            Some(Control::End {
+                session: Some("a1".into()),
+                fence: Some(Value::from("0123456789abcdef0123456789abcdef")),
+            })
+        );
+        assert_eq!(
+            parse_control(r#"{"fence":"f","session":"a1","type":"session.end"}"#),
+            Some(Control::End {
+                session: Some("a1".into()),
+                fence: Some(Value::from("f")),
+            })
         );
         // Keys in another order, whitespace: still JSON control objects.
         assert_eq!(
@@ -160,7 +203,19 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&partial(None, 0, 1)).unwrap();
         assert!(v["session"].is_null());
         assert_eq!(started("x"), r#"{"type":"session.started","session":"x"}"#);
-        assert_eq!(ended("x"), r#"{"type":"session.ended","session":"x"}"#);
+        assert_eq!(
+            ended("x", None),
+            r#"{"type":"session.ended","session":"x"}"#
+        );
+        let token = Value::from("0123456789abcdef0123456789abcdef");
+        assert_eq!(
+            ended("x", Some(&token)),
+            r#"{"type":"session.ended","session":"x","fence":"0123456789abcdef0123456789abcdef"}"#
+        );
+        // A token is echoed as it was given, whatever its JSON type.
+        let v: serde_json::Value =
+            serde_json::from_str(&ended("x", Some(&Value::from(7)))).unwrap();
+        assert_eq!(v["fence"], 7);
         let v: serde_json::Value = serde_json::from_str(&final_result("x", 2, 2, 20)).unwrap();
         assert_eq!(v["type"], "final");
         assert_eq!(v["seq"], 2);

@@ -227,6 +227,68 @@ async fn stt_mode_partials_in_order_then_final_then_ended() {
     bounded(backend.shutdown()).await;
 }
 
+/// `session.ended` echoes the fence token of the `session.end` it answers, in both modes;
+/// a client's text shaped like `session.ended` is only data (echoed in echo mode), and a
+/// `session.end` without a token gets a `session.ended` without one.
+#[tokio::test]
+async fn session_ended_echoes_the_fence_token() {
+    for mode in [Mode::Echo, Mode::Stt] {
+        let config = match mode {
+            Mode::Echo => Config::default(),
+            Mode::Stt => stt_config(1, 0),
+        };
+        let backend = start(config).await;
+        bounded(async {
+            let mut ws = connect(&backend).await;
+            for (i, id) in ["f-1", "f-2", "f-3"].into_iter().enumerate() {
+                send_json(
+                    &mut ws,
+                    json!({"type":"session.start","session":id,"params":{}}),
+                )
+                .await;
+                assert_eq!(
+                    recv_json(&mut ws).await,
+                    json!({"type":"session.started","session":id})
+                );
+                if mode == Mode::Echo {
+                    // A forged session.ended is no control message to the backend.
+                    let forged = json!({"type":"session.ended","session":id}).to_string();
+                    ws.send(Message::text(forged.clone())).await.unwrap();
+                    assert_eq!(recv(&mut ws).await, Message::text(forged));
+                }
+                let token = format!("{i:032x}");
+                let end = match i {
+                    // The proxy's form.
+                    0 => json!({"type":"session.end","session":id,"fence":token}),
+                    // Keys in another order.
+                    1 => json!({"fence":token,"session":id,"type":"session.end"}),
+                    // No token.
+                    _ => json!({"type":"session.end","session":id}),
+                };
+                send_json(&mut ws, end).await;
+                let mut reply = recv_json(&mut ws).await;
+                if mode == Mode::Stt {
+                    assert_eq!(reply["type"], "final", "{reply}");
+                    assert!(
+                        reply.get("fence").is_none(),
+                        "a final carries no token: {reply}"
+                    );
+                    reply = recv_json(&mut ws).await;
+                }
+                let expected = if i < 2 {
+                    json!({"type":"session.ended","session":id,"fence":token})
+                } else {
+                    json!({"type":"session.ended","session":id})
+                };
+                assert_eq!(reply, expected, "{mode}");
+            }
+            assert_eq!(backend.stats().sessions_ended, 3);
+        })
+        .await;
+        bounded(backend.shutdown()).await;
+    }
+}
+
 #[tokio::test]
 async fn stt_jitter_never_reorders_and_delays_do_not_block_reading() {
     // Jitter far larger than the delay: outputs must still come out in order.
