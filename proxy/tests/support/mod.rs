@@ -5,6 +5,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod raw;
+pub mod raw_backend;
 
 use std::collections::BTreeMap;
 use std::fmt::Display;

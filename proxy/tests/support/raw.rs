@@ -66,23 +66,51 @@ impl RawWs {
         })
     }
 
+    /// A client on a connection [`handshake`] (or [`handshake_on`]) upgraded.
+    pub fn from_upgraded(upgraded: Upgraded) -> Self {
+        Self {
+            stream: upgraded.stream,
+            buf: upgraded.read_ahead,
+            partial: None,
+            close_sent: false,
+        }
+    }
+
+    /// Connect like [`RawWs::connect`] with the socket's receive buffer set
+    /// to `rcvbuf` bytes before connecting (the kernel may round it), so a
+    /// client that stops reading fills up quickly.
+    pub async fn connect_with_rcvbuf(
+        addr: SocketAddr,
+        target: &str,
+        rcvbuf: u32,
+    ) -> io::Result<Self> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(rcvbuf)?;
+        let stream = socket.connect(addr).await?;
+        Ok(Self::from_upgraded(
+            handshake_on(stream, addr, target).await?,
+        ))
+    }
+
+    /// The TCP stream (for socket-level checks: `try_read`, `take_error`).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Bytes read off the socket and not parsed yet.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The TCP stream and the bytes read but not parsed yet, to split the
+    /// connection into a reading and a writing half.
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        (self.stream, self.buf)
+    }
+
     /// Send one masked frame.
     pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> io::Result<()> {
-        let len = payload.len();
-        let mut frame = Vec::with_capacity(len + 14);
-        frame.push((u8::from(fin) << 7) | opcode);
-        if len < 126 {
-            frame.push(0x80 | len as u8);
-        } else if let Ok(len16) = u16::try_from(len) {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&len16.to_be_bytes());
-        } else {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        let mask: [u8; 4] = rand::random();
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let frame = client_frame(fin, opcode, payload);
         if opcode == OP_CLOSE {
             self.close_sent = true;
         }
@@ -101,68 +129,10 @@ impl RawWs {
         self.send_frame(true, OP_CLOSE, &code.to_be_bytes()).await
     }
 
-    /// Make sure `n` bytes are buffered; false if the stream ended first.
-    async fn fill(&mut self, n: usize) -> io::Result<bool> {
-        while self.buf.len() < n {
-            let mut chunk = vec![0u8; (n - self.buf.len()).clamp(4096, 1 << 20)];
-            let read = self.stream.read(&mut chunk).await?;
-            if read == 0 {
-                return Ok(false);
-            }
-            self.buf.extend_from_slice(&chunk[..read]);
-        }
-        Ok(true)
-    }
-
     /// The next frame; `None` when the server closed the TCP stream cleanly
     /// between frames.
     pub async fn read_frame(&mut self) -> io::Result<Option<RawFrame>> {
-        if !self.fill(2).await? {
-            return if self.buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(protocol_error("stream ended inside a frame header"))
-            };
-        }
-        let (b0, b1) = (self.buf[0], self.buf[1]);
-        if b1 & 0x80 != 0 {
-            return Err(protocol_error("a server frame must not be masked"));
-        }
-        if b0 & 0x70 != 0 {
-            return Err(protocol_error("reserved bits set"));
-        }
-        let (len, header) = match b1 & 0x7f {
-            126 => {
-                if !self.fill(4).await? {
-                    return Err(protocol_error("stream ended inside a frame header"));
-                }
-                (
-                    usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
-                    4,
-                )
-            }
-            127 => {
-                if !self.fill(10).await? {
-                    return Err(protocol_error("stream ended inside a frame header"));
-                }
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&self.buf[2..10]);
-                let len = usize::try_from(u64::from_be_bytes(b))
-                    .map_err(|_| protocol_error("frame too long"))?;
-                (len, 10)
-            }
-            n => (usize::from(n), 2),
-        };
-        if !self.fill(header + len).await? {
-            return Err(protocol_error("stream ended inside a frame"));
-        }
-        let payload = self.buf[header..header + len].to_vec();
-        self.buf.drain(..header + len);
-        Ok(Some(RawFrame {
-            fin: b0 & 0x80 != 0,
-            opcode: b0 & 0x0f,
-            payload,
-        }))
+        read_frame_from(&mut self.stream, &mut self.buf, false).await
     }
 
     /// The next message (fragments reassembled). Pings are answered and
@@ -256,7 +226,16 @@ impl Upgraded {
 /// `tungstenite_clients_accept_the_upgrade_response` for the stricter check
 /// tungstenite's own client makes.
 pub async fn handshake(addr: SocketAddr, target: &str) -> io::Result<Upgraded> {
-    let mut stream = TcpStream::connect(addr).await?;
+    handshake_on(TcpStream::connect(addr).await?, addr, target).await
+}
+
+/// [`handshake`] on a stream already connected to `addr` (e.g. one whose
+/// socket options were set before connecting).
+pub async fn handshake_on(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    target: &str,
+) -> io::Result<Upgraded> {
     stream.set_nodelay(true)?;
     let key = "dGhlIHNhbXBsZSBub25jZQ==";
     let request = format!(
@@ -265,24 +244,7 @@ pub async fn handshake(addr: SocketAddr, target: &str) -> io::Result<Upgraded> {
          Sec-WebSocket-Version: 13\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
-    let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break pos + 4;
-        }
-        let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "connection closed during the handshake after {:?}",
-                    String::from_utf8_lossy(&buf)
-                ),
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
+    let (buf, head_end) = read_head(&mut stream).await?;
     let upgraded = Upgraded {
         stream,
         head: String::from_utf8_lossy(&buf[..head_end]).into_owned(),
@@ -320,4 +282,156 @@ fn finish(opcode: u8, data: Vec<u8>) -> io::Result<RawMsg> {
     } else {
         Ok(RawMsg::Binary(data))
     }
+}
+
+/// The close code in a close frame's payload, if it has one.
+pub fn close_code(payload: &[u8]) -> Option<u16> {
+    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
+}
+
+/// One frame as a client sends it: masked with a random key.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    encode_frame(fin, opcode, payload, Some(rand::random()))
+}
+
+/// One frame as a server sends it: unmasked.
+pub fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    encode_frame(true, opcode, payload, None)
+}
+
+/// One frame on the wire, masked with `mask` if given.
+pub fn encode_frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let len = payload.len();
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    let mut frame = Vec::with_capacity(len + 14);
+    frame.push((u8::from(fin) << 7) | opcode);
+    if len < 126 {
+        frame.push(mask_bit | len as u8);
+    } else if let Ok(len16) = u16::try_from(len) {
+        frame.push(mask_bit | 126);
+        frame.extend_from_slice(&len16.to_be_bytes());
+    } else {
+        frame.push(mask_bit | 127);
+        frame.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    match mask {
+        Some(mask) => {
+            frame.extend_from_slice(&mask);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        }
+        None => frame.extend_from_slice(payload),
+    }
+    frame
+}
+
+/// Parse the frame at the front of `buf`: `None` while it is incomplete, else
+/// the frame (unmasked) and how many bytes it took. `masked` says which side
+/// sent it: client frames must be masked, server frames must not.
+pub fn parse_frame(buf: &[u8], masked: bool) -> io::Result<Option<(RawFrame, usize)>> {
+    let [b0, b1, ..] = *buf else {
+        return Ok(None);
+    };
+    if (b1 & 0x80 != 0) != masked {
+        return Err(protocol_error(if masked {
+            "a client frame must be masked"
+        } else {
+            "a server frame must not be masked"
+        }));
+    }
+    if b0 & 0x70 != 0 {
+        return Err(protocol_error("reserved bits set"));
+    }
+    let (len, mut header) = match b1 & 0x7f {
+        126 => match buf.get(2..4) {
+            Some(b) => (usize::from(u16::from_be_bytes([b[0], b[1]])), 4),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10) {
+            Some(b) => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(b);
+                let len = usize::try_from(u64::from_be_bytes(n))
+                    .map_err(|_| protocol_error("frame too long"))?;
+                (len, 10)
+            }
+            None => return Ok(None),
+        },
+        n => (usize::from(n), 2),
+    };
+    let mask = if masked {
+        let Some(key) = buf.get(header..header + 4) else {
+            return Ok(None);
+        };
+        header += 4;
+        Some([key[0], key[1], key[2], key[3]])
+    } else {
+        None
+    };
+    let Some(data) = buf.get(header..header + len) else {
+        return Ok(None);
+    };
+    let payload = match mask {
+        Some(mask) => data
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect(),
+        None => data.to_vec(),
+    };
+    let frame = RawFrame {
+        fin: b0 & 0x80 != 0,
+        opcode: b0 & 0x0f,
+        payload,
+    };
+    Ok(Some((frame, header + len)))
+}
+
+/// The next frame off `stream`, with `buf` holding bytes read but not parsed
+/// yet; `None` when the stream ended cleanly between frames. `masked` as in
+/// [`parse_frame`]. Works on either half of a split stream.
+pub async fn read_frame_from<R: tokio::io::AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut Vec<u8>,
+    masked: bool,
+) -> io::Result<Option<RawFrame>> {
+    loop {
+        if let Some((frame, used)) = parse_frame(buf, masked)? {
+            buf.drain(..used);
+            return Ok(Some(frame));
+        }
+        let mut chunk = vec![0u8; 64 << 10];
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(protocol_error("stream ended inside a frame"))
+            };
+        }
+        buf.extend_from_slice(&chunk[..read]);
+    }
+}
+
+/// Read an HTTP head off `stream`: every byte read so far (the head and
+/// whatever followed it) and where the head ends.
+pub async fn read_head(stream: &mut TcpStream) -> io::Result<(Vec<u8>, usize)> {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "connection closed during the handshake after {:?}",
+                    String::from_utf8_lossy(&buf)
+                ),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    Ok((buf, head_end))
 }
