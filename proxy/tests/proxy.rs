@@ -851,84 +851,6 @@ async fn sigterm_drains_sessions_and_exits_zero() {
 
 // ---------------------------------------------------------------- (h) Python client
 
-/// The websockets version baseline/python/requirements.txt pins.
-fn pinned_websockets_version() -> String {
-    let path = support::workspace_dir().join("baseline/python/requirements.txt");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("websockets=="))
-        .and_then(|rest| rest.split_whitespace().next())
-        .map(str::to_string)
-        .unwrap_or_else(|| panic!("no websockets== pin in {}", path.display()))
-}
-
-fn run(cmd: &mut Command) -> std::process::Output {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
-    assert!(
-        out.status.success(),
-        "{shown} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// `target/py-test-venv` with the pinned websockets, made if absent or wrong.
-fn python_venv() -> std::path::PathBuf {
-    let version = pinned_websockets_version();
-    let venv = support::target_dir().join("py-test-venv");
-    let python = venv.join("bin/python");
-    let check = format!(
-        "import sys, websockets; sys.exit(0 if websockets.__version__ == {version:?} else 1)"
-    );
-    if Command::new(&python)
-        .args(["-c", &check])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return venv;
-    }
-    match Command::new("python3").arg("--version").output() {
-        Ok(o) if o.status.success() => {}
-        other => panic!(
-            "python3 is required by this test (an independent WebSocket client) \
-             and was not found ({other:?}): install python3 with venv and pip"
-        ),
-    }
-    // Build aside, then move into place, so concurrent runs never see half a venv.
-    let tmp = support::target_dir().join(format!("py-test-venv.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    run(Command::new("python3").args(["-m", "venv"]).arg(&tmp));
-    let pip = Command::new(tmp.join("bin/python"))
-        .args(["-m", "pip", "--version"])
-        .output();
-    if !pip.as_ref().is_ok_and(|o| o.status.success()) {
-        panic!(
-            "pip is not available in a python3 venv ({pip:?}): install python3-pip / python3-venv"
-        );
-    }
-    run(Command::new(tmp.join("bin/python")).args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        &format!("websockets=={version}"),
-    ]));
-    let _ = std::fs::remove_dir_all(&venv);
-    if std::fs::rename(&tmp, &venv).is_err() {
-        // Another run got there first.
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    run(Command::new(&python).args(["-c", &check]));
-    venv
-}
-
 /// An independent WebSocket implementation (Python's websockets) runs a whole
 /// session through the proxy: echoes, session.end, session.ended, close 1000.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -937,7 +859,7 @@ async fn python_websockets_client_runs_a_session() {
     let venv = within(
         Duration::from_secs(300),
         "creating the Python venv",
-        tokio::task::spawn_blocking(python_venv),
+        tokio::task::spawn_blocking(support::clients::python_venv),
     )
     .await
     .expect("venv setup panicked");

@@ -4,6 +4,7 @@
 //! tungstenite's client refuses to report (1014).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod clients;
 pub mod raw;
 pub mod raw_backend;
 
