@@ -15,7 +15,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminContext};
 use crate::backend::BackendPool;
-use crate::backend::conn::ws_config;
 use crate::backends::Backends;
 use crate::config::Settings;
 use crate::config::db::{Db, DbError, DbKind};
@@ -168,7 +167,6 @@ impl Proxy {
                 shutdown: sessions_stop.clone(),
             },
             settings.stream_path.clone(),
-            ws_config(settings.max_message_size),
             settings.handshake_timeout,
             settings.max_connections,
             settings.max_connections_per_ip,

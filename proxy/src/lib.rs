@@ -15,6 +15,7 @@ pub mod backends;
 pub mod config;
 pub mod metrics;
 pub mod reconcile;
+pub mod relay;
 pub mod route;
 pub mod server;
 pub mod session;

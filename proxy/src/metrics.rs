@@ -27,6 +27,11 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
     pub direction: &'static str,
 }
@@ -41,6 +46,10 @@ pub struct Metrics {
     pub acquire: Family<OutcomeLabel, Counter>,
     pub fencing: Family<OutcomeLabel, Counter>,
     pub refused: Family<OutcomeLabel, Counter>,
+    /// Messages the relay dropped instead of forwarding, by reason.
+    pub relay_dropped: Family<ReasonLabel, Counter>,
+    /// How the proxy's side of client close handshakes ended.
+    pub client_closes: Family<OutcomeLabel, Counter>,
     pub acquire_wait_seconds: Histogram,
     pub session_seconds: Histogram,
     registry: Registry,
@@ -75,6 +84,8 @@ impl Metrics {
             acquire: Family::default(),
             fencing: Family::default(),
             refused: Family::default(),
+            relay_dropped: Family::default(),
+            client_closes: Family::default(),
             acquire_wait_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             session_seconds: Histogram::new(exponential_buckets(0.1, 4.0, 10)),
             registry: Registry::default(),
@@ -113,6 +124,20 @@ impl Metrics {
             "refused",
             "Client requests refused before the upgrade, by reason",
             m.refused.clone(),
+        );
+        registry.register(
+            "relay_dropped_messages",
+            "Messages dropped by the relay, by reason (client_reserved: client text in the \
+             reserved session.* namespace; foreign_session: backend message naming another \
+             session; stale_fence: session.ended without this lease's fence token; \
+             token_echo: backend message carrying the fence token)",
+            m.relay_dropped.clone(),
+        );
+        registry.register(
+            "client_closes",
+            "Close handshakes with clients, by outcome (clean, no_reply: our Close was not \
+             answered in time, not_sent: the socket was shut without a Close frame)",
+            m.client_closes.clone(),
         );
         registry.register(
             "acquire_wait_seconds",

@@ -24,13 +24,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::OutcomeLabel;
+use crate::relay::{FrameStream, Peer};
 use crate::session::{self, SessionContext};
 
 /// What the client listener needs.
@@ -38,7 +37,6 @@ use crate::session::{self, SessionContext};
 pub struct ServerContext {
     pub session: SessionContext,
     pub stream_path: String,
-    pub ws_config: WebSocketConfig,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
@@ -55,7 +53,6 @@ impl ServerContext {
     pub fn new(
         session: SessionContext,
         stream_path: String,
-        ws_config: WebSocketConfig,
         handshake_timeout: Duration,
         max_connections: usize,
         max_connections_per_ip: usize,
@@ -66,7 +63,6 @@ impl ServerContext {
         Self {
             session,
             stream_path,
-            ws_config,
             handshake_timeout,
             max_connections,
             max_connections_per_ip,
@@ -185,7 +181,7 @@ async fn http_phase(
     stream: TcpStream,
     peer: SocketAddr,
     ctx: &Arc<ServerContext>,
-) -> Option<(WebSocketStream<TcpStream>, Map<String, Value>, Admission)> {
+) -> Option<(FrameStream<TcpStream>, Map<String, Value>, Admission)> {
     let _ = stream.set_nodelay(true);
     let admission = Admission::try_new(ctx, peer.ip());
     let pending: Pending = Arc::new(Mutex::new(None));
@@ -240,13 +236,7 @@ async fn http_phase(
             return None;
         }
     };
-    let ws = WebSocketStream::from_partially_read(
-        parts.io.into_inner(),
-        parts.read_buf.to_vec(),
-        Role::Server,
-        Some(ctx.ws_config),
-    )
-    .await;
+    let ws = FrameStream::new(parts.io.into_inner(), parts.read_buf.to_vec(), Peer::Client);
     Some((ws, params, admission))
 }
 

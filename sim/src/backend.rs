@@ -106,9 +106,14 @@ pub struct SimBackend {
     ws: WebSocketConfig,
 }
 
-/// WebSocket settings of both ends of every in-memory connection.
+/// WebSocket settings of the emulated peers (backends and clients): small
+/// buffers, messages up to 64 KiB.
 pub fn ws_config() -> WebSocketConfig {
-    sttproxy::backend::conn::ws_config(64 << 10)
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(64 << 10))
+        .max_frame_size(Some(64 << 10))
 }
 
 impl SimBackend {
@@ -211,8 +216,9 @@ impl SimBackend {
             hold_until: None,
         };
         self.tasks.spawn("backend-conn", conn.run(server));
-        let ws = WebSocketStream::from_raw_socket(stream, Role::Client, Some(self.ws)).await;
-        Ok(BackendConn::new(ws))
+        // In memory there is no HTTP handshake: the proxy's end speaks
+        // frames at once.
+        Ok(BackendConn::new(stream, Vec::new()))
     }
 }
 
@@ -381,9 +387,13 @@ impl ConnTask {
                     .as_ref()
                     .and_then(|v| text_field(v, "session"))
                     .map(str::to_string);
+                let fence = control
+                    .as_ref()
+                    .and_then(|v| text_field(v, "fence"))
+                    .map(str::to_string);
                 match (kind, sid) {
                     ("session.start", Some(sid)) => self.on_start(sid),
-                    ("session.end", Some(sid)) => self.on_end(&sid),
+                    ("session.end", Some(sid)) => self.on_end(&sid, fence),
                     _ => self.on_data(t.as_bytes()),
                 }
             }
@@ -427,7 +437,7 @@ impl ConnTask {
         self.session = Some(sid);
     }
 
-    fn on_end(&mut self, sid: &str) {
+    fn on_end(&mut self, sid: &str, fence: Option<String>) {
         let Some(cur) = self.session.clone() else {
             self.unfenced(format!("session.end for {sid} with no session"));
             return;
@@ -444,7 +454,8 @@ impl ConnTask {
         let fin =
             serde_json::json!({"type": "final", "session": cur, "partials": self.seq}).to_string();
         self.enqueue(delay, fin, false);
-        let ended = serde_json::json!({"type": "session.ended", "session": cur}).to_string();
+        let ended = serde_json::json!({"type": "session.ended", "session": cur, "fence": fence})
+            .to_string();
         self.enqueue(Duration::ZERO, ended, true);
     }
 

@@ -9,14 +9,11 @@ use std::time::Duration;
 use futures_util::future::select_all;
 use serde_json::{Map, Value};
 use sttproxy::backend::Reuse;
+use sttproxy::relay::{FrameStream, Peer};
 use sttproxy::session::{SessionContext, run_leased};
 use tokio::io::DuplexStream;
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 
-use crate::backend::ws_config;
 use crate::client::{ClientPlan, run_client};
 use crate::pools::{PoolUnderTest, SimLease};
 use crate::runtime::SimRng;
@@ -49,18 +46,18 @@ pub fn start<P: PoolUnderTest>(env: &Arc<SessionEnv<P>>, plan: ClientPlan) {
 }
 
 async fn run_session<P: PoolUnderTest>(env: Arc<SessionEnv<P>>, session: u64, io: DuplexStream) {
-    let mut client = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
+    let mut client = FrameStream::new(io, Vec::new(), Peer::Client);
     let sid = format!("s{session}");
     let started = Instant::now();
     let got = lease(&env, started + env.acquire_timeout).await;
     let waited = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     env.world.with(|s, _| s.stats.acquire_waits_ms.push(waited));
     let Some((index, raw)) = got else {
-        let frame = CloseFrame {
-            code: CloseCode::Again,
-            reason: "no backend connection".into(),
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(2), client.close(Some(frame))).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.close(1013, "no backend connection"),
+        )
+        .await;
         env.world
             .session_done(session, "no_backend_connection", false);
         return;
@@ -72,10 +69,10 @@ async fn run_session<P: PoolUnderTest>(env: Arc<SessionEnv<P>>, session: u64, io
         index,
         session,
     );
-    let link = lease.ws.get_ref().link().clone();
+    let link = lease.stream.get_ref().link().clone();
     let mut params = Map::new();
     params.insert("lang".into(), Value::from("ko"));
-    let outcome = run_leased(client, lease, Reuse::Fenced, &params, &env.ctx, &sid).await;
+    let outcome = run_leased(&mut client, lease, Reuse::Fenced, &params, &env.ctx, &sid).await;
     env.world.session_done(session, outcome, link.faulted());
 }
 

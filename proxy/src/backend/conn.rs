@@ -7,16 +7,13 @@ use std::time::Duration;
 
 use http::Uri;
 use sttproxy_pool::Connection;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::MaybeTlsStream;
+use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
 use crate::reconcile::Dialer;
-
-/// The WebSocket stream type of a backend connection (plain or TLS).
-pub type BackendStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use crate::relay::{FrameStream, Peer};
 
 /// Why a dial failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,11 +26,10 @@ pub enum DialError {
     Connect { addr: String, source: io::Error },
     #[error("websocket handshake with {url} timed out after {after:?}")]
     HandshakeTimeout { url: String, after: Duration },
-    #[error("websocket handshake with {url}: {source}")]
-    Handshake {
-        url: String,
-        source: Box<tokio_tungstenite::tungstenite::Error>,
-    },
+    #[error("tls handshake with {url}: {source}")]
+    Tls { url: String, source: io::Error },
+    #[error("websocket handshake with {url}: {reason}")]
+    Handshake { url: String, reason: String },
 }
 
 /// A parsed `ws://` or `wss://` backend address.
@@ -43,6 +39,8 @@ pub struct BackendAddr {
     pub host: String,
     pub port: u16,
     pub tls: bool,
+    /// The request target: path and query.
+    pub target: String,
 }
 
 impl BackendAddr {
@@ -65,26 +63,20 @@ impl BackendAddr {
             .trim_end_matches(']')
             .to_string();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let target = uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .filter(|p| !p.is_empty())
+            .unwrap_or("/")
+            .to_string();
         Ok(Self {
             url: url.to_string(),
             host,
             port,
             tls,
+            target,
         })
     }
-}
-
-/// WebSocket settings for many mostly idle connections: tungstenite's defaults
-/// allocate and touch 128 KiB read and write buffers per connection up front.
-/// `max_message_size` bounds what one message may take; frames may be as large,
-/// since tungstenite writes each message as one frame.
-pub fn ws_config(max_message_size: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_write_buffer_size(max_message_size.saturating_mul(2).saturating_add(64 << 10))
-        .max_message_size(Some(max_message_size))
-        .max_frame_size(Some(max_message_size))
 }
 
 /// Whether the byte stream under a backend connection may still carry a
@@ -123,14 +115,19 @@ impl StreamLiveness for MaybeTlsStream<TcpStream> {
 /// stream `S` (a TCP or TLS stream in the proxy; in-memory in the simulation).
 #[derive(Debug)]
 pub struct BackendConn<S = MaybeTlsStream<TcpStream>> {
-    pub ws: WebSocketStream<S>,
+    pub stream: FrameStream<S>,
     /// Set by a session or health check that saw the connection fail.
     broken: bool,
 }
 
 impl<S> BackendConn<S> {
-    pub fn new(ws: WebSocketStream<S>) -> Self {
-        Self { ws, broken: false }
+    /// A connection over `io` whose WebSocket handshake is done; `unread`
+    /// holds bytes read past the handshake.
+    pub fn new(io: S, unread: Vec<u8>) -> Self {
+        Self {
+            stream: FrameStream::new(io, unread, Peer::Backend),
+            broken: false,
+        }
     }
 
     /// Mark the connection unusable (an I/O error or protocol fault was seen).
@@ -143,9 +140,82 @@ impl<S> Connection for BackendConn<S>
 where
     S: StreamLiveness + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    /// Not marked broken, and the stream's own liveness check passes.
+    /// Not marked broken, nothing left unread, and the stream's own liveness
+    /// check passes.
     fn is_alive(&self) -> bool {
-        !self.broken && self.ws.get_ref().is_alive()
+        !self.broken && !self.stream.has_unread() && self.stream.get_ref().is_alive()
+    }
+}
+
+/// The largest handshake response accepted from a backend.
+const MAX_HANDSHAKE_RESPONSE: usize = 16 << 10;
+
+/// The client side of the WebSocket handshake (RFC 6455 §4.1) over `io`.
+/// Returns the bytes read past the response.
+async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    addr: &BackendAddr,
+) -> Result<Vec<u8>, String> {
+    let key = generate_key();
+    let host = if addr.host.contains(':') {
+        format!("[{}]:{}", addr.host, addr.port)
+    } else {
+        format!("{}:{}", addr.host, addr.port)
+    };
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        addr.target
+    );
+    io.write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("sending the request: {e}"))?;
+    io.flush().await.map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut chunk = [0u8; 1024];
+        let n = io
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading the response: {e}"))?;
+        if n == 0 {
+            return Err("connection closed during the handshake".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        let parsed = response
+            .parse(&buf)
+            .map_err(|e| format!("malformed response: {e}"))?;
+        let httparse::Status::Complete(len) = parsed else {
+            if buf.len() > MAX_HANDSHAKE_RESPONSE {
+                return Err("response headers too large".into());
+            }
+            continue;
+        };
+        if response.code != Some(101) {
+            return Err(format!(
+                "expected 101 Switching Protocols, got {}",
+                response.code.unwrap_or(0)
+            ));
+        }
+        let header = |name: &str| {
+            response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+        };
+        let has_token = |name: &str, token: &str| {
+            header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        };
+        if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+            return Err("response does not upgrade to websocket".into());
+        }
+        if header("sec-websocket-accept") != Some(derive_accept_key(key.as_bytes()).as_str()) {
+            return Err("wrong Sec-WebSocket-Accept".into());
+        }
+        return Ok(buf.split_off(len));
     }
 }
 
@@ -155,7 +225,6 @@ pub struct WsDialer {
     addr: BackendAddr,
     connect_timeout: Duration,
     handshake_timeout: Duration,
-    config: WebSocketConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -164,7 +233,6 @@ impl WsDialer {
         url: &str,
         connect_timeout: Duration,
         handshake_timeout: Duration,
-        max_message_size: usize,
     ) -> Result<Self, DialError> {
         let addr = BackendAddr::parse(url)?;
         let tls = addr.tls.then(tls_client_config);
@@ -172,7 +240,6 @@ impl WsDialer {
             addr,
             connect_timeout,
             handshake_timeout,
-            config: ws_config(max_message_size),
             tls,
         })
     }
@@ -199,35 +266,40 @@ impl WsDialer {
         })?;
         // Small relayed messages must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
-        let handshake_err = |source| DialError::Handshake {
-            url: a.url.clone(),
-            source: Box::new(source),
+        let handshake = async {
+            let mut io = match &self.tls {
+                Some(cfg) => {
+                    let name = rustls::pki_types::ServerName::try_from(a.host.clone()).map_err(
+                        |e| DialError::Tls {
+                            url: a.url.clone(),
+                            source: io::Error::new(io::ErrorKind::InvalidInput, e),
+                        },
+                    )?;
+                    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|source| DialError::Tls {
+                            url: a.url.clone(),
+                            source,
+                        })?;
+                    MaybeTlsStream::Rustls(tls)
+                }
+                None => MaybeTlsStream::Plain(tcp),
+            };
+            let unread = upgrade(&mut io, a)
+                .await
+                .map_err(|reason| DialError::Handshake {
+                    url: a.url.clone(),
+                    reason,
+                })?;
+            Ok(BackendConn::new(io, unread))
         };
-        let request = a
-            .url
-            .as_str()
-            .into_client_request()
-            .map_err(handshake_err)?;
-        let connector = match &self.tls {
-            Some(cfg) => Connector::Rustls(cfg.clone()),
-            None => Connector::Plain,
-        };
-        let (ws, _response) = tokio::time::timeout(
-            self.handshake_timeout,
-            tokio_tungstenite::client_async_tls_with_config(
-                request,
-                tcp,
-                Some(self.config),
-                Some(connector),
-            ),
-        )
-        .await
-        .map_err(|_| DialError::HandshakeTimeout {
-            url: a.url.clone(),
-            after: self.handshake_timeout,
-        })?
-        .map_err(handshake_err)?;
-        Ok(BackendConn::new(ws))
+        tokio::time::timeout(self.handshake_timeout, handshake)
+            .await
+            .map_err(|_| DialError::HandshakeTimeout {
+                url: a.url.clone(),
+                after: self.handshake_timeout,
+            })?
     }
 }
 

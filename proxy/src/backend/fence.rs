@@ -4,14 +4,16 @@
 //! proxy → backend   {"type":"session.start","session":"<id>","params":{...}}
 //! backend → proxy   {"type":"session.started","session":"<id>"}      (optional)
 //! ... data both ways ...
-//! proxy → backend   {"type":"session.end","session":"<id>"}
+//! proxy → backend   {"type":"session.end","session":"<id>","fence":"<token>"}
 //! backend → proxy   ... final results ...
-//! backend → proxy   {"type":"session.ended","session":"<id>"}
+//! backend → proxy   {"type":"session.ended","session":"<id>","fence":"<token>"}
 //! ```
-//! A connection goes back to the pool only after `session.ended` for its
-//! session arrived: nothing of one session can then reach the next.
+//! The token is fresh per lease and never shown to the client, so only the
+//! backend can complete the fence (docs/protocol.md). A connection goes back
+//! to the pool only after that `session.ended` arrived and nothing of the
+//! session is left buffered: nothing of one session can reach the next.
+//! The relay (`crate::relay`) recognizes these messages; this module writes them.
 
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 /// `session.start` carrying the client's query parameters.
@@ -19,36 +21,14 @@ pub fn start_message(session: &str, params: &Map<String, Value>) -> String {
     serde_json::json!({"type": "session.start", "session": session, "params": params}).to_string()
 }
 
-/// `session.end` for `session`.
-pub fn end_message(session: &str) -> String {
-    serde_json::json!({"type": "session.end", "session": session}).to_string()
+/// `session.end` for `session`, carrying the lease's fence `token`.
+pub fn end_message(session: &str, token: &str) -> String {
+    serde_json::json!({"type": "session.end", "session": session, "fence": token}).to_string()
 }
 
-#[derive(Deserialize)]
-struct Control<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: &'a str,
-    #[serde(default, borrow)]
-    session: Option<&'a str>,
-}
-
-/// Parse a control object cheaply: only short texts that mention `marker` are parsed.
-fn control<'a>(text: &'a str, marker: &str) -> Option<Control<'a>> {
-    if text.len() > 512 || !text.starts_with('{') || !text.contains(marker) {
-        return None;
-    }
-    serde_json::from_str(text).ok()
-}
-
-/// Whether a client's text message is its end-of-stream `{"type":"session.end"}`.
-pub fn is_client_end(text: &str) -> bool {
-    control(text, "session.end").is_some_and(|c| c.kind == "session.end")
-}
-
-/// Whether a backend's text message is `session.ended` for `session`.
-pub fn is_ended_for(text: &str, session: &str) -> bool {
-    control(text, "session.ended")
-        .is_some_and(|c| c.kind == "session.ended" && c.session == Some(session))
+/// The `session.ended` the client is shown: the backend's, without the token.
+pub fn ended_message(session: &str) -> String {
+    serde_json::json!({"type": "session.ended", "session": session}).to_string()
 }
 
 #[cfg(test)]
@@ -56,30 +36,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recognizes_control_messages() {
-        assert!(is_client_end(r#"{"type":"session.end"}"#));
-        assert!(is_client_end(r#"{ "type" : "session.end", "x": 1 }"#));
-        assert!(!is_client_end(r#"{"type":"session.ended"}"#));
-        assert!(!is_client_end("session.end"));
-        assert!(is_ended_for(
-            r#"{"type":"session.ended","session":"a1"}"#,
-            "a1"
-        ));
-        assert!(!is_ended_for(
-            r#"{"type":"session.ended","session":"a2"}"#,
-            "a1"
-        ));
-        assert!(!is_ended_for(
-            r#"{"type":"partial","session":"a1","text":"session.ended"}"#,
-            "a1"
-        ));
+    fn control_messages_carry_what_the_protocol_says() {
         let start = start_message("s1", &Map::from_iter([("lang".into(), Value::from("ko"))]));
         let v: Value = serde_json::from_str(&start).unwrap();
         assert_eq!(v["type"], "session.start");
         assert_eq!(v["params"]["lang"], "ko");
-        assert_eq!(
-            serde_json::from_str::<Value>(&end_message("s1")).unwrap()["session"],
-            "s1"
-        );
+        let end: Value = serde_json::from_str(&end_message("s1", "t0k")).unwrap();
+        assert_eq!((end["session"].as_str(), end["fence"].as_str()), (Some("s1"), Some("t0k")));
+        let ended: Value = serde_json::from_str(&ended_message("s1")).unwrap();
+        assert_eq!(ended["type"], "session.ended");
+        assert!(ended.get("fence").is_none(), "the client never sees a token");
     }
 }

@@ -12,13 +12,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
+use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use futures_util::{SinkExt, StreamExt};
 use rand::rngs::SmallRng;
 use sttproxy_pool::{ConnPool, Connection};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::BackendConn;
@@ -118,12 +116,8 @@ impl DialObserver for Health {
 pub enum PingError {
     #[error("no pong within {0:?}")]
     Timeout(Duration),
-    #[error("connection closed")]
-    Closed,
-    #[error("data arrived on an idle connection")]
-    UnexpectedData,
     #[error("{0}")]
-    Io(#[from] tokio_tungstenite::tungstenite::Error),
+    Failed(#[from] crate::relay::PingFault),
 }
 
 /// Ping one connection and wait for the matching pong.
@@ -135,22 +129,10 @@ pub async fn ping<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let payload = Bytes::copy_from_slice(&payload.to_be_bytes());
-    let exchange = async {
-        conn.ws.send(Message::Ping(payload.clone())).await?;
-        loop {
-            match conn.ws.next().await {
-                Some(Ok(Message::Pong(p))) if p == payload => return Ok(()),
-                Some(Ok(Message::Pong(_) | Message::Ping(_))) => {}
-                Some(Ok(Message::Close(_))) | None => return Err(PingError::Closed),
-                Some(Ok(_)) => return Err(PingError::UnexpectedData),
-                Some(Err(e)) => return Err(PingError::Io(e)),
-            }
-        }
-    };
-    tokio::time::timeout(timeout, exchange)
+    tokio::time::timeout(timeout, conn.stream.ping(&payload.to_be_bytes()))
         .await
-        .map_err(|_| PingError::Timeout(timeout))?
+        .map_err(|_| PingError::Timeout(timeout))??;
+    Ok(())
 }
 
 /// Idle connections pinged at once by one pool's health check.

@@ -95,7 +95,6 @@ impl BackendPool {
             &spec.url,
             tuning.connect_timeout,
             tuning.handshake_timeout,
-            tuning.max_message_size,
         )?);
         let pool = ConnPool::new(PoolConfig {
             capacity: spec.max_size.max(tuning.capacity_headroom),

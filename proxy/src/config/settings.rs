@@ -194,19 +194,62 @@ impl Settings {
         })
     }
 
-    /// Check what cannot work before anything starts.
+    /// Every duration setting with its smallest sane value: zero would spin
+    /// or panic (a zero interval); the largest is a day for all (more is a typo).
+    fn durations(&self) -> [(&'static str, Duration, Duration); 12] {
+        let ms = Duration::from_millis;
+        [
+            ("handshake_timeout", self.handshake_timeout, ms(10)),
+            ("acquire_timeout", self.acquire_timeout, ms(1)),
+            ("drain_timeout", self.drain_timeout, ms(10)),
+            ("idle_timeout", self.idle_timeout, ms(100)),
+            ("send_timeout", self.send_timeout, ms(10)),
+            ("shutdown_grace", self.shutdown_grace, ms(0)),
+            ("health_interval", self.health_interval, ms(10)),
+            ("health_timeout", self.health_timeout, ms(1)),
+            ("reconcile_interval", self.reconcile_interval, ms(10)),
+            ("backend_connect_timeout", self.backend_connect_timeout, ms(1)),
+            ("backend_handshake_timeout", self.backend_handshake_timeout, ms(1)),
+            ("sync_interval", self.sync_interval, ms(50)),
+        ]
+    }
+
+    /// Check what cannot work before anything starts; every error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let day = Duration::from_secs(86_400);
+        for (key, value, min) in self.durations() {
+            if value < min || value > day {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} = {} is out of range ({} to 1day)",
+                    humantime::format_duration(value),
+                    humantime::format_duration(min),
+                )));
+            }
+        }
+        if self.max_message_size > 64 << 20 {
+            return Err(ConfigError::Invalid(
+                "max_message_size must be at most 64 MiB".into(),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid("max_connections must be at least 1".into()));
+        }
+        if self.max_concurrent_dials == 0 {
+            return Err(ConfigError::Invalid(
+                "max_concurrent_dials must be at least 1".into(),
+            ));
+        }
+        if self.unhealthy_after == 0 || self.healthy_after == 0 {
+            return Err(ConfigError::Invalid(
+                "unhealthy_after and healthy_after must be at least 1".into(),
+            ));
+        }
         if !self.stream_path.starts_with('/') {
             return Err(ConfigError::Invalid("stream_path must start with /".into()));
         }
         if self.max_message_size < 1024 {
             return Err(ConfigError::Invalid(
                 "max_message_size must be at least 1024".into(),
-            ));
-        }
-        if self.sync_interval < Duration::from_millis(50) {
-            return Err(ConfigError::Invalid(
-                "sync_interval must be at least 50ms".into(),
             ));
         }
         if let Some(url) = &self.db {
@@ -254,6 +297,7 @@ impl Settings {
             drain_timeout: self.drain_timeout,
             idle_timeout: self.idle_timeout,
             send_timeout: self.send_timeout,
+            max_message_size: self.max_message_size,
         }
     }
 

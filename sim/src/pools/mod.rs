@@ -139,7 +139,7 @@ pub struct SimLease<P: PoolUnderTest> {
 impl<P: PoolUnderTest> SimLease<P> {
     /// Record that session `session` got `raw` from pool `index`.
     pub fn new(raw: P::Raw, pool: P, world: Arc<World>, index: usize, session: u64) -> Self {
-        let stream = P::conn(&raw).ws.get_ref();
+        let stream = P::conn(&raw).stream.get_ref();
         let conn = stream.id();
         world.leased(index, conn, session, stream.link().backend_dead());
         Self {

@@ -13,13 +13,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use sttproxy::backend::BackendConn;
 use sttproxy::reconcile::jitter;
 use sttproxy_pool::Connection;
 use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::{PoolEnv, PoolParams, PoolUnderTest, SimSnapshot};
@@ -93,7 +91,7 @@ impl Naive {
                 .spawn("naive-dial", async move { backend.connect().await });
             match tokio::time::timeout(self.params.connect_timeout, dial).await {
                 Ok(Ok(Ok(conn))) => {
-                    let id = conn.ws.get_ref().id();
+                    let id = conn.stream.get_ref().id();
                     s.conns.push(Entry {
                         id,
                         conn: Some(conn),
@@ -145,17 +143,8 @@ impl Naive {
 
 /// Ping and wait for the pong, without a deadline of its own.
 async fn ping(mut conn: Conn) -> Option<Conn> {
-    conn.ws
-        .send(Message::Ping(b"ping".to_vec().into()))
-        .await
-        .ok()?;
-    loop {
-        match conn.ws.next().await {
-            Some(Ok(Message::Pong(_))) => return Some(conn),
-            Some(Ok(Message::Ping(_))) => {}
-            _ => return None,
-        }
-    }
+    conn.stream.ping(b"ping").await.ok()?;
+    Some(conn)
 }
 
 impl PoolUnderTest for Naive {

@@ -1,0 +1,795 @@
+//! The per-message path of a session: both directions pumped in one task,
+//! frame by frame, without one waiting on the other (docs/relay.md).
+//!
+//! - Each direction reads what its source has ready into a per-thread scratch
+//!   buffer, processes the frames in place ([`parser`]) and writes the result
+//!   to its destination at once; whatever the destination does not take is
+//!   queued ([`output`]), bounded by [`QUEUE_LIMIT`]: past it the source is
+//!   not read (TCP pushes back), while the other direction carries on.
+//! - One write per read, not per message; no per-message timer, clock read,
+//!   allocation or shared-line atomic. One timer per session serves the idle,
+//!   stall, fence and close deadlines ([`state`]), checked on its ticks.
+//! - The fence ([`judge`]) and the close handshake are decided on whole
+//!   frames; every await is bounded by a deadline.
+
+pub mod frame;
+mod judge;
+mod output;
+mod parser;
+mod state;
+pub mod stream;
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::marker::PhantomData;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Duration, Instant, Sleep};
+
+pub use stream::{Frame, FrameStream, Peer, PingFault, RecvError};
+
+use self::judge::{FromBackend, FromClient, Pong};
+use self::output::Output;
+use self::parser::{Fault, Parser, Processed};
+use self::state::{BackendPhase, ClientPhase, ControlReply, State};
+use crate::backend::BackendConn;
+
+/// Bytes queued toward one peer past which its source is no longer read.
+pub const QUEUE_LIMIT: usize = 64 << 10;
+
+/// The per-thread read buffer: reads land here and are processed in place,
+/// so an idle session holds no read buffer of its own.
+const SCRATCH: usize = 16 << 10;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// How long the proxy waits for a client's Close after sending its own.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The relay's timeouts and limits.
+#[derive(Debug, Clone, Copy)]
+pub struct RelaySettings {
+    pub drain_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub send_timeout: Duration,
+    pub close_timeout: Duration,
+    pub max_message_size: usize,
+}
+
+impl RelaySettings {
+    /// How often the session's timer checks idleness and stalls: a quarter of
+    /// the shortest of those timeouts, between 10 ms and 1 s.
+    fn tick(&self) -> Duration {
+        (self.idle_timeout.min(self.send_timeout) / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+}
+
+/// What the relay leaves behind, for the session's metrics and logs.
+#[derive(Debug)]
+pub struct RelayEnd {
+    pub outcome: &'static str,
+    /// How the fence ended: clean, dirty, timeout, error, not_fenced.
+    pub fence: &'static str,
+    /// How the client close handshake ended: clean, no_reply, not_sent.
+    pub client_close: &'static str,
+    pub to_backend: (u64, u64),
+    pub to_client: (u64, u64),
+    pub dropped: [(&'static str, u64); 4],
+}
+
+/// The lease as the relay needs it (see [`crate::session::SessionLease`]).
+pub trait RelayLease<B>: std::ops::DerefMut<Target = BackendConn<B>> {
+    fn release(self);
+    fn discard(self);
+}
+
+/// A fresh fence token: 128 random bits, hex.
+pub fn new_fence_token() -> String {
+    let bits: u128 = rand::random();
+    format!("{bits:032x}")
+}
+
+/// Relay one session until both its ends are settled: the client closed
+/// (handshake done, or given up on within [`CLOSE_TIMEOUT`]) and the backend
+/// connection released (fence completed, nothing left over) or discarded.
+pub async fn relay<C, B, L>(
+    client: &mut FrameStream<C>,
+    lease: L,
+    fenced: bool,
+    id: &str,
+    settings: RelaySettings,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> RelayEnd
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+    L: RelayLease<B>,
+{
+    let mut r = Relay {
+        client,
+        lease: Some(lease),
+        to_backend: Parser::new(Peer::Client, Peer::Backend, settings.max_message_size),
+        to_client: Parser::new(Peer::Backend, Peer::Client, settings.max_message_size),
+        out_backend: Output::default(),
+        out_client: Output::default(),
+        reply_client: None,
+        reply_backend: None,
+        state: State::new(
+            id.to_string(),
+            new_fence_token(),
+            fenced,
+            settings.drain_timeout,
+            settings.close_timeout,
+        ),
+        dirty: false,
+        fence: "error",
+        client_close: None,
+        settings,
+        tick: settings.tick(),
+        last_heard: Instant::now(),
+        stalled_client: None,
+        stalled_backend: None,
+        shutdown,
+        _backend: PhantomData,
+    };
+    let timer = tokio::time::sleep(r.tick);
+    tokio::pin!(timer);
+    poll_fn(|cx| r.poll(cx, timer.as_mut())).await;
+    let st = &r.state;
+    RelayEnd {
+        outcome: st.outcome.unwrap_or("ended"),
+        fence: r.fence,
+        client_close: r.client_close.unwrap_or("clean"),
+        to_backend: st.counts.to_backend,
+        to_client: st.counts.to_client,
+        dropped: state::Dropped::ALL.map(|d| (d.label(), st.dropped[d as usize])),
+    }
+}
+
+struct Relay<'a, C, B, L> {
+    client: &'a mut FrameStream<C>,
+    lease: Option<L>,
+    /// Frames from the client, toward the backend.
+    to_backend: Parser,
+    /// Frames from the backend, toward the client.
+    to_client: Parser,
+    out_backend: Output,
+    out_client: Output,
+    /// Pongs owed to each peer.
+    reply_client: Option<ControlReply>,
+    reply_backend: Option<ControlReply>,
+    state: State,
+    /// Bytes of the backend stream were left over after the fence.
+    dirty: bool,
+    fence: &'static str,
+    /// How the client close handshake ended, once known otherwise than clean.
+    client_close: Option<&'static str>,
+    settings: RelaySettings,
+    tick: Duration,
+    last_heard: Instant,
+    stalled_client: Option<Instant>,
+    stalled_backend: Option<Instant>,
+    shutdown: &'a tokio_util::sync::CancellationToken,
+    _backend: PhantomData<fn() -> B>,
+}
+
+/// What one pump step saw.
+#[derive(Default)]
+struct Step {
+    /// Bytes were read from the source.
+    read: bool,
+    /// The source ended or failed (with the error, if any).
+    source_done: Option<Option<io::Error>>,
+    write_failed: Option<io::Error>,
+    fault: Option<Fault>,
+    /// Bytes after a frame that stopped processing.
+    leftover: bool,
+}
+
+/// Move bytes one way: send an owed pong, flush, read what the source has
+/// ready, process it and write it.
+#[allow(clippy::too_many_arguments)]
+fn pump<R, W, J>(
+    cx: &mut Context<'_>,
+    src: Option<(&mut R, &mut Vec<u8>)>,
+    dst: &mut W,
+    parser: &mut Parser,
+    out: &mut Output,
+    reply: &mut Option<ControlReply>,
+    dst_peer: Peer,
+    limit: usize,
+    judge: &mut J,
+) -> Step
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    J: parser::Judge,
+{
+    let mut step = Step::default();
+    if !parser.mid_frame() {
+        if let Some(r) = reply.take() {
+            let mut frame = Vec::with_capacity(r.len + frame::MAX_HEADER);
+            frame::push_frame(
+                &mut frame,
+                frame::OP_PONG,
+                &r.payload[..r.len],
+                dst_peer.mask_for_send(),
+            );
+            out.push(&frame);
+        }
+    }
+    if let Poll::Ready(Err(e)) = out.flush(dst, cx) {
+        step.write_failed = Some(e);
+        return step;
+    }
+    let Some((src, unread)) = src else {
+        return step;
+    };
+    if out.queued() > limit {
+        return step;
+    }
+    SCRATCH_BUF.with_borrow_mut(|scratch| {
+        let n = if !unread.is_empty() {
+            // Bytes read before the relay started (after the handshake).
+            let n = unread.len().min(scratch.len());
+            scratch[..n].copy_from_slice(&unread[..n]);
+            unread.drain(..n);
+            if unread.is_empty() {
+                *unread = Vec::new();
+            }
+            n
+        } else {
+            let mut rb = ReadBuf::new(scratch);
+            match Pin::new(src).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    step.source_done = Some(None);
+                    return;
+                }
+                Poll::Ready(Ok(())) => rb.filled().len(),
+                Poll::Ready(Err(e)) => {
+                    step.source_done = Some(Some(e));
+                    return;
+                }
+                Poll::Pending => return,
+            }
+        };
+        step.read = true;
+        let buf = &mut scratch[..n];
+        let Processed { fresh, unprocessed } = match parser.process(buf, out, judge) {
+            Ok(p) => p,
+            Err(f) => {
+                step.fault = Some(f);
+                return;
+            }
+        };
+        step.leftover = unprocessed > 0;
+        if let Poll::Ready(Err(e)) = out.write(dst, cx, &buf[..fresh]) {
+            step.write_failed = Some(e);
+        }
+    });
+    step
+}
+
+impl<C, B, L> Relay<'_, C, B, L>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+    L: RelayLease<B>,
+{
+    fn poll(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<()> {
+        // Bounded work per poll; past it, yield to the other sessions.
+        for _ in 0..64 {
+            while timer.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                self.on_tick(now);
+                timer.as_mut().reset(self.next_wake(now + self.tick));
+            }
+            let mut progressed = self.pump_to_client(cx);
+            progressed |= self.pump_to_backend(cx);
+            progressed |= self.advance(cx);
+            if self.state.finished() {
+                return Poll::Ready(());
+            }
+            // A deadline set by an event may come before the next tick.
+            let wake = self.next_wake(timer.deadline());
+            if wake < timer.deadline() {
+                timer.as_mut().reset(wake);
+                continue;
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// `at`, or a deadline before it.
+    fn next_wake(&self, at: Instant) -> Instant {
+        [self.state.fence_deadline, self.state.close_deadline]
+            .into_iter()
+            .flatten()
+            .fold(at, Instant::min)
+    }
+
+    fn pump_to_client(&mut self, cx: &mut Context<'_>) -> bool {
+        let may_read = matches!(
+            self.state.backend,
+            BackendPhase::Relaying | BackendPhase::Fencing
+        );
+        let backend_busy = !self.to_backend.output_at_rest() || self.lease.is_none();
+        let src = match (&mut self.lease, may_read) {
+            (Some(lease), true) => Some(lease.stream.parts_mut()),
+            _ => None,
+        };
+        let mut judge = FromBackend {
+            state: &mut self.state,
+            pong: Pong {
+                busy: backend_busy,
+                out: &mut self.out_backend,
+                slot: &mut self.reply_backend,
+                to: Peer::Backend,
+            },
+        };
+        let client_open = judge.state.client != ClientPhase::Gone;
+        if !client_open && src.is_none() {
+            return false;
+        }
+        // Past a Close to the client nothing more is written to it but the
+        // rest of a frame in flight: the backend is read for its fence
+        // whatever the client's queue holds.
+        let limit = if judge.state.client_takes_data() || self.to_client.mid_frame() {
+            QUEUE_LIMIT
+        } else {
+            usize::MAX
+        };
+        if matches!(judge.state.client, ClientPhase::Closing { sent: true, .. }) {
+            self.reply_client = None;
+        }
+        let step = if client_open {
+            let (client_io, _) = self.client.parts_mut();
+            pump(
+                cx,
+                src,
+                client_io,
+                &mut self.to_client,
+                &mut self.out_client,
+                &mut self.reply_client,
+                Peer::Client,
+                limit,
+                &mut judge,
+            )
+        } else {
+            let mut discard = Output::default();
+            pump(
+                cx,
+                src,
+                &mut Sink,
+                &mut self.to_client,
+                &mut discard,
+                &mut None,
+                Peer::Client,
+                usize::MAX,
+                &mut judge,
+            )
+        };
+        if step.leftover {
+            self.dirty = true;
+        }
+        if let Some(err) = step.source_done {
+            let why = match err {
+                Some(e) => format!("backend connection lost: {e}"),
+                None => "backend connection lost".to_string(),
+            };
+            self.state.backend_failed(why);
+        }
+        if let Some(f) = step.fault {
+            self.state
+                .backend_failed(format!("backend broke the protocol: {f}"));
+        }
+        if step.write_failed.is_some() {
+            self.client_vanished();
+        }
+        step.read
+    }
+
+    fn pump_to_backend(&mut self, cx: &mut Context<'_>) -> bool {
+        let may_read = matches!(
+            self.state.client,
+            ClientPhase::Open | ClientPhase::Ended | ClientPhase::Closing { received: false, .. }
+        );
+        let (client_io, client_unread) = self.client.parts_mut();
+        let src = may_read.then_some((client_io, client_unread));
+        let closing = matches!(self.state.client, ClientPhase::Closing { sent: true, .. });
+        let mut judge = FromClient {
+            state: &mut self.state,
+            pong: Pong {
+                busy: self.to_client.mid_frame() || closing,
+                out: &mut self.out_client,
+                slot: &mut self.reply_client,
+                to: Peer::Client,
+            },
+        };
+        let step = match self.lease.as_mut() {
+            Some(lease) => {
+                let (backend_io, _) = lease.stream.parts_mut();
+                pump(
+                    cx,
+                    src,
+                    backend_io,
+                    &mut self.to_backend,
+                    &mut self.out_backend,
+                    &mut self.reply_backend,
+                    Peer::Backend,
+                    QUEUE_LIMIT,
+                    &mut judge,
+                )
+            }
+            // The backend is settled: the client is read for its Close only.
+            None if src.is_some() => {
+                let mut discard = Output::default();
+                pump(
+                    cx,
+                    src,
+                    &mut Sink,
+                    &mut self.to_backend,
+                    &mut discard,
+                    &mut None,
+                    Peer::Backend,
+                    usize::MAX,
+                    &mut judge,
+                )
+            }
+            None => return false,
+        };
+        if step.read {
+            self.state.heard = true;
+        }
+        if step.source_done.is_some() {
+            if let ClientPhase::Closing { sent: true, .. } = self.state.client {
+                // The client closed its side after (or instead of) its Close.
+                self.state.client = ClientPhase::Closing {
+                    sent: true,
+                    received: true,
+                };
+            } else {
+                self.client_vanished();
+            }
+        }
+        if step.fault.is_some() {
+            self.state.client_fault(1002, "websocket protocol error");
+        }
+        if let Some(e) = step.write_failed {
+            self.state
+                .backend_failed(format!("backend connection lost: {e}"));
+        }
+        step.read
+    }
+
+    /// The client's stream ended or failed without a close handshake.
+    fn client_vanished(&mut self) {
+        self.client_close.get_or_insert("vanished");
+        self.state.client_gone();
+        self.out_client = Output::default();
+    }
+
+    /// Settle what the state asks for: fence or resolve the backend
+    /// connection, send the client its Close, finish the client's socket.
+    fn advance(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progressed = self.advance_backend();
+        if let Some(req) = self.state.close_request.take() {
+            let mid = self.to_client.mid_frame();
+            let source_streaming = self.lease.is_some()
+                && matches!(
+                    self.state.backend,
+                    BackendPhase::Relaying | BackendPhase::Fencing
+                );
+            if mid && !req.drop_queued && source_streaming {
+                // Data first: wait for the frame in flight to complete.
+                self.state.close_request = Some(req);
+                return progressed;
+            }
+            progressed = true;
+            let room = if req.drop_queued || mid {
+                self.out_client.drop_after_current_frame()
+            } else {
+                true
+            };
+            let received = matches!(self.state.client, ClientPhase::Closing { received: true, .. });
+            self.state.client = ClientPhase::Closing {
+                sent: true,
+                received: !room || received,
+            };
+            self.to_client.silence();
+            if room {
+                let payload = match req.code {
+                    Some(code) => frame::close_payload(code, req.reason),
+                    None => Vec::new(),
+                };
+                let mut f = Vec::new();
+                frame::push_frame(&mut f, frame::OP_CLOSE, &payload, None);
+                self.out_client.push(&f);
+            } else {
+                // Even the Close cannot be written past the frame in flight.
+                tracing::info!(session = %self.state.id, "client socket shut without a close frame");
+                self.client_close = Some("not_sent");
+                self.out_client = Output::default();
+            }
+        }
+        if let ClientPhase::Closing {
+            sent: true,
+            received: true,
+        } = self.state.client
+        {
+            // The handshake is done (or given up on): flush, then shut our side.
+            let (io, _) = self.client.parts_mut();
+            let flushed = self.out_client.flush(io, cx).is_ready();
+            if flushed && Pin::new(&mut *io).poll_shutdown(cx).is_ready() {
+                self.state.client = ClientPhase::Gone;
+                self.state.close_deadline = None;
+                self.out_client = Output::default();
+                progressed = true;
+            }
+        }
+        progressed
+    }
+
+    fn advance_backend(&mut self) -> bool {
+        if self.lease.is_none() {
+            return false;
+        }
+        match &self.state.backend {
+            BackendPhase::Failed(why) => {
+                tracing::debug!(session = %self.state.id, reason = %why, "backend connection not reusable");
+                self.fence = if self.state.outcome == Some("backend_timeout") {
+                    "timeout"
+                } else {
+                    "error"
+                };
+                self.resolve(false, true);
+                true
+            }
+            BackendPhase::FenceDone => {
+                let clean = self.backend_clean();
+                self.fence = if clean { "clean" } else { "dirty" };
+                self.resolve(clean, false);
+                true
+            }
+            BackendPhase::Relaying if !self.state.client_may_send_data() => {
+                if !self.state.fenced {
+                    // Used once: closed after the client's last bytes are out.
+                    if !self.out_backend.is_empty() {
+                        return false;
+                    }
+                    self.fence = "not_fenced";
+                    self.resolve(false, false);
+                } else if !self.to_backend.output_at_rest() {
+                    // The client left inside a message: the backend's stream
+                    // cannot be fenced.
+                    self.fence = "error";
+                    self.resolve(false, false);
+                } else {
+                    let end =
+                        crate::backend::fence::end_message(&self.state.id, &self.state.token);
+                    let mut frame = Vec::new();
+                    frame::push_frame(
+                        &mut frame,
+                        frame::OP_TEXT,
+                        end.as_bytes(),
+                        Peer::Backend.mask_for_send(),
+                    );
+                    self.out_backend.push(&frame);
+                    self.state.start_fence();
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Nothing of the session is left at any layer of the backend stream.
+    fn backend_clean(&self) -> bool {
+        let Some(lease) = self.lease.as_ref() else {
+            return false;
+        };
+        !self.dirty
+            && !lease.stream.has_unread()
+            && self.out_backend.is_empty()
+            && self.reply_backend.is_none()
+            && self.to_client.at_rest()
+            && self.to_backend.output_at_rest()
+    }
+
+    fn resolve(&mut self, release: bool, broken: bool) {
+        if let Some(mut lease) = self.lease.take() {
+            if release {
+                lease.release();
+            } else {
+                if broken {
+                    lease.mark_broken();
+                }
+                lease.discard();
+            }
+        }
+        self.state.backend = BackendPhase::Resolved;
+        self.state.fence_deadline = None;
+        self.out_backend = Output::default();
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        let st = &mut self.state;
+        if self.shutdown.is_cancelled() && st.client_takes_data() {
+            st.shutdown();
+        }
+        // Idleness: nothing from the client for idle_timeout.
+        if std::mem::take(&mut st.heard) {
+            self.last_heard = now;
+        } else if st.client == ClientPhase::Open
+            && now.duration_since(self.last_heard) >= self.settings.idle_timeout
+        {
+            st.idle();
+        }
+        // Stalls: bytes queued and none taken for send_timeout.
+        let send_timeout = self.settings.send_timeout;
+        let prev = now.checked_sub(self.tick).unwrap_or(now);
+        let stalled = |out: &mut Output, since: &mut Option<Instant>| -> bool {
+            if out.is_empty() || std::mem::take(&mut out.progressed) {
+                *since = None;
+                return false;
+            }
+            now.duration_since(*since.get_or_insert(prev)) >= send_timeout
+        };
+        if stalled(&mut self.out_client, &mut self.stalled_client) && st.client_takes_data() {
+            st.slow_client();
+        }
+        if stalled(&mut self.out_backend, &mut self.stalled_backend) {
+            st.backend_failed("backend too slow to take data".into());
+        }
+        if st.fence_deadline.is_some_and(|d| d <= now) {
+            st.fence_timed_out();
+        }
+        if st.close_deadline.is_some_and(|d| d <= now) {
+            st.close_deadline = None;
+            if let ClientPhase::Closing { .. } = st.client {
+                self.client_close.get_or_insert(if self.out_client.is_empty() {
+                    "no_reply"
+                } else {
+                    "not_sent"
+                });
+                st.client = ClientPhase::Closing {
+                    sent: true,
+                    received: true,
+                };
+                // Whatever is still queued is given up on: the socket is shut.
+                self.out_client = Output::default();
+                self.to_client.silence();
+            }
+        }
+    }
+}
+
+/// A writer that takes everything: where output goes when its peer is gone.
+struct Sink;
+
+impl AsyncWrite for Sink {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{DuplexStream, duplex};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::*;
+
+    /// A lease that reports how it ended.
+    struct TestLease {
+        conn: BackendConn<DuplexStream>,
+        ended: tokio::sync::oneshot::Sender<(bool, BackendConn<DuplexStream>)>,
+    }
+
+    impl std::ops::Deref for TestLease {
+        type Target = BackendConn<DuplexStream>;
+        fn deref(&self) -> &Self::Target {
+            &self.conn
+        }
+    }
+    impl std::ops::DerefMut for TestLease {
+        fn deref_mut(&mut self) -> &mut Self::Target {
+            &mut self.conn
+        }
+    }
+    impl RelayLease<DuplexStream> for TestLease {
+        fn release(self) {
+            let _ = self.ended.send((true, self.conn));
+        }
+        fn discard(self) {
+            let _ = self.ended.send((false, self.conn));
+        }
+    }
+
+    fn settings() -> RelaySettings {
+        RelaySettings {
+            drain_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(1),
+            max_message_size: 2 << 20,
+        }
+    }
+
+    /// An echo backend that speaks the fence.
+    async fn echo_backend(mut ws: WebSocketStream<DuplexStream>) {
+        while let Some(Ok(m)) = ws.next().await {
+            match m {
+                Message::Text(t) if t.contains("\"session.end\"") => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    let ended = serde_json::json!({"type":"session.ended","session":v["session"],"fence":v["fence"]});
+                    ws.send(Message::text(ended.to_string())).await.unwrap();
+                }
+                m @ (Message::Text(_) | Message::Binary(_)) => ws.send(m).await.unwrap(),
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn relays_a_session_and_returns_to_base_size_after_a_large_message() {
+        let (client_io, proxy_client_io) = duplex(1 << 16);
+        let (proxy_backend_io, backend_io) = duplex(1 << 16);
+        let backend = WebSocketStream::from_raw_socket(backend_io, Role::Server, None).await;
+        tokio::spawn(echo_backend(backend));
+        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let lease = TestLease {
+            conn: BackendConn::new(proxy_backend_io, Vec::new()),
+            ended: tx,
+        };
+        let mut proxy_side = FrameStream::new(proxy_client_io, Vec::new(), Peer::Client);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let relay_task = tokio::spawn(async move {
+            relay(&mut proxy_side, lease, true, "s1", settings(), &shutdown).await
+        });
+        let big = vec![7u8; 1 << 20];
+        client.send(Message::binary(big.clone())).await.unwrap();
+        client.send(Message::text("hello")).await.unwrap();
+        assert_eq!(client.next().await.unwrap().unwrap(), Message::binary(big));
+        assert_eq!(client.next().await.unwrap().unwrap(), Message::text("hello"));
+        client
+            .send(Message::text(r#"{"type":"session.end"}"#))
+            .await
+            .unwrap();
+        let ended = client.next().await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(ended.to_text().unwrap()).unwrap_or_else(|e| panic!("{e}: {ended:?}"));
+        assert_eq!(v["type"], "session.ended");
+        assert!(v.get("fence").is_none());
+        match client.next().await.unwrap().unwrap() {
+            Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1000),
+            other => panic!("expected close 1000, got {other:?}"),
+        }
+        let end = relay_task.await.unwrap();
+        assert_eq!((end.outcome, end.fence), ("ended", "clean"));
+        let (released, conn) = rx.await.unwrap();
+        assert!(released);
+        assert!(!conn.stream.has_unread());
+    }
+}

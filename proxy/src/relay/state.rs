@@ -1,0 +1,321 @@
+//! [`State`]: where one session stands — the client's side, the backend's
+//! side and its fence — and the transitions between, kept apart from the
+//! byte pumping so each rule sits in one place.
+//!
+//! Invariants:
+//! - The backend connection goes back to the pool only from
+//!   [`BackendPhase::FenceDone`], and only if nothing of the session is left
+//!   buffered (checked by the relay at release).
+//! - Once a close toward the client is requested, no more data reaches it.
+//! - Every deadline set here (fence, close) is awaited by the relay's one
+//!   timer; no await is unbounded.
+
+use tokio::time::{Duration, Instant};
+
+use super::frame::{MAX_CONTROL_PAYLOAD, is_valid_close_code};
+
+/// Per-session message counts, added to the shared metrics in batches.
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    pub to_backend: (u64, u64),
+    pub to_client: (u64, u64),
+}
+
+/// Why the relay dropped a message (the `reason` label of
+/// `sttproxy_relay_dropped_messages_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dropped {
+    ClientReserved,
+    ForeignSession,
+    StaleFence,
+    TokenEcho,
+}
+
+impl Dropped {
+    pub const ALL: [Dropped; 4] = [
+        Dropped::ClientReserved,
+        Dropped::ForeignSession,
+        Dropped::StaleFence,
+        Dropped::TokenEcho,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Dropped::ClientReserved => "client_reserved",
+            Dropped::ForeignSession => "foreign_session",
+            Dropped::StaleFence => "stale_fence",
+            Dropped::TokenEcho => "token_echo",
+        }
+    }
+}
+
+/// A ping's answer owed to a peer, sent at its stream's next frame boundary.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ControlReply {
+    pub payload: [u8; MAX_CONTROL_PAYLOAD],
+    pub len: usize,
+}
+
+impl ControlReply {
+    pub fn pong(payload: &[u8]) -> Self {
+        let mut p = [0u8; MAX_CONTROL_PAYLOAD];
+        let len = payload.len().min(MAX_CONTROL_PAYLOAD);
+        p[..len].copy_from_slice(&payload[..len]);
+        Self { payload: p, len }
+    }
+}
+
+/// A Close to send to the client.
+#[derive(Debug, Clone)]
+pub(crate) struct CloseRequest {
+    /// `None`: a Close without a code (the answer to one without a code).
+    pub code: Option<u16>,
+    pub reason: &'static str,
+    /// Drop data queued for the client (past the frame being written).
+    pub drop_queued: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientPhase {
+    /// Relaying both ways.
+    Open,
+    /// The client sent `session.end`: its data is over, results still flow.
+    Ended,
+    /// A Close is requested or sent; `received`: the client's Close arrived.
+    Closing { sent: bool, received: bool },
+    /// Finished with the client's socket.
+    Gone,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BackendPhase {
+    Relaying,
+    /// `session.end` with the token is queued; waiting for `session.ended`.
+    Fencing,
+    /// The fence completed: the connection may go back to the pool.
+    FenceDone,
+    /// The connection failed or the backend broke the protocol.
+    Failed(String),
+    /// The lease was released or discarded.
+    Resolved,
+}
+
+/// Where one session stands.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub id: String,
+    /// This lease's fence token (docs/protocol.md): never shown to the client.
+    pub token: String,
+    pub fenced: bool,
+    pub client: ClientPhase,
+    pub backend: BackendPhase,
+    pub close_request: Option<CloseRequest>,
+    pub counts: Counts,
+    pub dropped: [u64; 4],
+    /// The first cause of the session's end (the `outcome` label).
+    pub outcome: Option<&'static str>,
+    /// Bytes arrived from the client since the last tick.
+    pub heard: bool,
+    pub fence_deadline: Option<Instant>,
+    pub close_deadline: Option<Instant>,
+    drain_timeout: Duration,
+    close_timeout: Duration,
+}
+
+impl State {
+    pub fn new(
+        id: String,
+        token: String,
+        fenced: bool,
+        drain_timeout: Duration,
+        close_timeout: Duration,
+    ) -> Self {
+        Self {
+            id,
+            token,
+            fenced,
+            client: ClientPhase::Open,
+            backend: BackendPhase::Relaying,
+            close_request: None,
+            counts: Counts::default(),
+            dropped: [0; 4],
+            outcome: None,
+            heard: false,
+            fence_deadline: None,
+            close_deadline: None,
+            drain_timeout,
+            close_timeout,
+        }
+    }
+
+    fn outcome(&mut self, outcome: &'static str) {
+        self.outcome.get_or_insert(outcome);
+    }
+
+    pub fn dropped(&mut self, why: Dropped) {
+        self.dropped[why as usize] += 1;
+    }
+
+    /// The client may still send data to relay.
+    pub fn client_may_send_data(&self) -> bool {
+        self.client == ClientPhase::Open
+    }
+
+    /// Data from the backend still goes to the client.
+    pub fn client_takes_data(&self) -> bool {
+        matches!(self.client, ClientPhase::Open | ClientPhase::Ended)
+    }
+
+    pub fn fence_pending(&self) -> bool {
+        self.backend == BackendPhase::Fencing
+    }
+
+    /// Ask for a Close toward the client, unless one is already under way.
+    pub fn close_client(
+        &mut self,
+        code: Option<u16>,
+        reason: &'static str,
+        drop_queued: bool,
+        received: bool,
+    ) {
+        if !self.client_takes_data() {
+            return;
+        }
+        self.client = ClientPhase::Closing {
+            sent: false,
+            received,
+        };
+        self.close_request = Some(CloseRequest {
+            code,
+            reason,
+            drop_queued,
+        });
+        self.close_deadline = Some(Instant::now() + self.close_timeout);
+    }
+
+    /// The client sent `session.end`.
+    pub fn client_ended(&mut self) {
+        if self.client != ClientPhase::Open {
+            return;
+        }
+        self.client = ClientPhase::Ended;
+        self.outcome("ended");
+        if self.fenced {
+            self.start_fence();
+        } else {
+            // Not fenced: the end went to the backend as data and the
+            // connection is used once.
+            self.close_client(Some(1000), "session ended", false, false);
+        }
+    }
+
+    /// `session.end` with the token is (being) queued to the backend.
+    pub fn start_fence(&mut self) {
+        if self.backend == BackendPhase::Relaying {
+            self.backend = BackendPhase::Fencing;
+            self.fence_deadline = Some(Instant::now() + self.drain_timeout);
+        }
+    }
+
+    pub fn fence_completed(&mut self) {
+        if self.backend != BackendPhase::Fencing {
+            return;
+        }
+        self.backend = BackendPhase::FenceDone;
+        self.fence_deadline = None;
+        if self.client == ClientPhase::Ended {
+            self.close_client(Some(1000), "session ended", false, false);
+        }
+    }
+
+    /// The backend did not complete the fence in time.
+    pub fn fence_timed_out(&mut self) {
+        self.fence_deadline = None;
+        if self.backend == BackendPhase::Fencing {
+            self.outcome("backend_timeout");
+            self.backend = BackendPhase::Failed("backend did not end the session in time".into());
+            self.close_client(Some(1011), "backend did not end the session", false, false);
+        }
+    }
+
+    /// The client's Close arrived, with `payload` (code and reason).
+    pub fn client_close_received(&mut self, payload: &[u8]) {
+        if let ClientPhase::Closing { sent, .. } = self.client {
+            self.client = ClientPhase::Closing {
+                sent,
+                received: true,
+            };
+            return;
+        }
+        self.outcome("client_gone");
+        let answer = match payload {
+            [] => None,
+            [a, b, reason @ ..] => {
+                let code = u16::from_be_bytes([*a, *b]);
+                if !is_valid_close_code(code) {
+                    Some(1002)
+                } else if std::str::from_utf8(reason).is_err() {
+                    Some(1007)
+                } else {
+                    Some(code)
+                }
+            }
+            [_] => Some(1002),
+        };
+        self.close_client(answer, "", true, true);
+    }
+
+    /// The client broke the protocol: close it with `code`.
+    pub fn client_fault(&mut self, code: u16, reason: &'static str) {
+        self.outcome("client_fault");
+        self.close_client(Some(code), reason, true, false);
+    }
+
+    /// The client's stream ended or failed: nothing more can be said to it.
+    pub fn client_gone(&mut self) {
+        self.outcome("client_gone");
+        self.client = ClientPhase::Gone;
+        self.close_request = None;
+        self.close_deadline = None;
+    }
+
+    pub fn backend_failed(&mut self, why: String) {
+        if matches!(
+            self.backend,
+            BackendPhase::Resolved | BackendPhase::Failed(_)
+        ) {
+            return;
+        }
+        self.outcome("backend_failed");
+        self.backend = BackendPhase::Failed(why);
+        self.fence_deadline = None;
+        self.close_client(Some(1014), "backend connection lost", false, false);
+    }
+
+    /// The proxy is shutting down and the grace is over.
+    pub fn shutdown(&mut self) {
+        self.outcome("shutdown");
+        self.close_client(Some(1001), "proxy shutting down", false, false);
+        if !matches!(
+            self.backend,
+            BackendPhase::Resolved | BackendPhase::Failed(_)
+        ) {
+            self.backend = BackendPhase::Failed("proxy shutting down".into());
+        }
+    }
+
+    pub fn idle(&mut self) {
+        self.outcome("idle");
+        self.close_client(Some(1001), "idle timeout", false, false);
+    }
+
+    pub fn slow_client(&mut self) {
+        self.outcome("slow_client");
+        self.close_client(Some(1008), "client too slow", true, false);
+    }
+
+    /// The session is over: the lease is resolved and the client finished.
+    pub fn finished(&self) -> bool {
+        self.backend == BackendPhase::Resolved && self.client == ClientPhase::Gone
+    }
+}
