@@ -1,6 +1,6 @@
 //! `echo-backend`: an emulator of a real-time speech-to-text inference server.
 //!
-//! It speaks the fenced-session protocol of DESIGN.md §3 on WebSocket connections that are
+//! It speaks the fenced-session protocol of docs/protocol.md on WebSocket connections that are
 //! reused for many sessions one after another, and it can inject the faults the proxy must
 //! survive (dropped connections, refused dials, late pongs, stalls, a crash of every open
 //! connection).

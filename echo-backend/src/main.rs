@@ -1,4 +1,4 @@
-//! `echo-backend`: STT inference-server emulator (see the library docs and DESIGN.md §9, §11).
+//! `echo-backend`: STT inference-server emulator (see the library docs and docs/architecture.md).
 
 use std::io::Write as _;
 use std::net::SocketAddr;

@@ -1,4 +1,4 @@
-//! The fencing protocol's control messages (DESIGN.md §3) and the stt results.
+//! The fencing protocol's control messages (docs/protocol.md) and the stt results.
 //!
 //! The proxy's `session.end` carries a fence token (`"fence"`) that only the proxy and the
 //! backend know; `session.ended` echoes it back unchanged, and only that reply completes the

@@ -13,7 +13,7 @@
 //! session's time is up is counted as `unsent`, not as sent or lost.
 //!
 //! See [`proto`] for the message format, [`LoadConfig`] for the knobs and [`LoadReport`]
-//! for what comes back (it serializes to the `--json` result of DESIGN.md §11).
+//! for what comes back (it serializes to the `--json` result; docs/architecture.md).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), loadgen::Error> {

@@ -1,4 +1,4 @@
-//! `loadgen`: the command line around the library (see DESIGN.md §11).
+//! `loadgen`: the command line around the library (see docs/architecture.md).
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The result of a run: the `--json` schema of DESIGN.md §11 (plus a few extra keys) and
+//! The result of a run: the `--json` schema (docs/architecture.md; plus a few extra keys) and
 //! the human summary printed by `--format text`.
 
 use std::collections::BTreeMap;

@@ -163,7 +163,7 @@ async fn stop_ends_the_run_early_with_partial_results() {
     assert_eq!(report.sessions.completed, 10);
 }
 
-/// Every key of the DESIGN.md §11 result schema is in the JSON, and the interval log
+/// Every key of the result schema (docs/architecture.md) is in the JSON, and the interval log
 /// holds one histogram per second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_has_every_schema_key_and_hist_log_parses() {

@@ -1,6 +1,6 @@
 //! Starting and stopping a whole proxy: listeners, backend pools and their
 //! tasks, the backend table's live sync (when a database is configured), and
-//! the graceful shutdown of DESIGN §8. Used by `main` and, in process, by the
+//! the graceful shutdown (docs/architecture.md). Used by `main` and, in process, by the
 //! integration tests.
 
 use std::net::SocketAddr;

@@ -1,5 +1,5 @@
 //! Which backend serves a new session, and how its connection is obtained
-//! (DESIGN §5): power-of-two-choices over healthy pools, weighted by idle
+//! (docs/pool.md): power-of-two-choices over healthy pools, weighted by idle
 //! connections; any idle connection elsewhere; a dial on demand where a pool is
 //! below its max; else a bounded wait for a release. Never an unbounded wait.
 

@@ -905,8 +905,8 @@ async fn python_websockets_client_runs_a_session() {
 
 /// A refused request gets its status and reason at once, and then the proxy
 /// closes the connection: it neither waits for another request on it nor
-/// keeps its connection slot until handshake_timeout (DESIGN §3: "a refused
-/// upgrade is an HTTP status with a short plain-text reason, never a hang").
+/// keeps its connection slot until handshake_timeout (docs/protocol.md: a
+/// refused upgrade is an HTTP status with a short plain-text reason, never a hang).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_is_answered_and_the_connection_closed() {
     bounded(TEST_LIMIT, async {

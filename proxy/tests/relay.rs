@@ -5,7 +5,7 @@
 //! it), the RFC 6455 close handshake both ways, and every wait bounded (a
 //! backend that stops reading, a client that never reads).
 //!
-//! The protocol these tests hold the proxy to (DESIGN §3): the proxy's
+//! The protocol these tests hold the proxy to (docs/protocol.md): the proxy's
 //! `session.end` carries a fresh random fence token per lease, which the
 //! client never sees; only a `session.ended` echoing it completes the fence;
 //! client text in the `session.*` namespace other than `session.end` is

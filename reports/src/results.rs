@@ -1,4 +1,4 @@
-//! The loadgen `--json` result (DESIGN §11), read back for reporting, and the
+//! The loadgen `--json` result (docs/architecture.md), read back for reporting, and the
 //! figures a report derives from it. Only the keys the report uses are read;
 //! unknown keys are ignored so loadgen may add more.
 

@@ -1,5 +1,5 @@
 //! Backend emulation: an STT inference server in memory. Each connection is a
-//! small task speaking the fencing protocol (DESIGN §3):
+//! small task speaking the fencing protocol (docs/protocol.md):
 //! `session.start` → `session.started`; data → an echo (or an STT partial)
 //! after a virtual delay; `session.end` → a final → `session.ended`.
 //! Fault knobs (active only while the run's faults are on): dials that fail,

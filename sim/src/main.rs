@@ -1,4 +1,4 @@
-//! `sim`: the command line of the fault simulation (DESIGN §11).
+//! `sim`: the command line of the fault simulation (docs/architecture.md).
 //!
 //! ```text
 //! sim list

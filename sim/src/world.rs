@@ -220,8 +220,9 @@ impl World {
         });
     }
 
-    /// The outcome of a session's release, judged against §4's contract:
-    /// kept if and only if alive, the pool open and not above target.
+    /// The outcome of a session's release, judged against the pool's release
+    /// contract (docs/pool.md): kept if and only if alive, the pool open and
+    /// not above target.
     pub fn release_done(&self, r: &ReleaseFacts) {
         self.with(|s, now| {
             let pool = r.pool;

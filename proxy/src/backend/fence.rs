@@ -1,4 +1,4 @@
-//! The fencing protocol on reused backend connections (DESIGN §3).
+//! The fencing protocol on reused backend connections (docs/protocol.md).
 //!
 //! ```text
 //! proxy → backend   {"type":"session.start","session":"<id>","params":{...}}

@@ -62,7 +62,7 @@ pub struct BackendPool {
     cancel: CancellationToken,
 }
 
-/// The `/pools` view of one backend (DESIGN §11).
+/// The `/pools` view of one backend (docs/pool.md).
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolView {
     pub id: String,
