@@ -1,21 +1,18 @@
 //! Monotonic totals that many threads bump and few read.
 //!
-//! One shared atomic bumped on every acquire and release costs more than the
-//! queue operation itself (its cache line bounces between cores). Each thread
-//! instead bumps its own cache-padded stripe; a reader sums the stripes. The sum
-//! is exact whenever no bump is in flight, and never runs backwards.
+//! One shared atomic bumped on every operation costs more than the operation
+//! itself (its cache line bounces between cores). Each thread instead bumps
+//! the cell of its own stripe (see `sync.rs`); a reader sums the cells.
+//!
+//! # Invariants and orderings
+//! Every cell only grows, and the sum is never a difference, so it never
+//! runs backwards: Relaxed suffices (a total orders nothing, it only counts;
+//! coherence makes a later read of a cell at least an earlier one). The sum is
+//! exact whenever no bump is in flight.
 
 use crossbeam_utils::CachePadded;
 
-use crate::sync::{AtomicUsize, Ordering, stripe_hint};
-
-/// Number of stripes: enough that a handful of busy threads rarely share one.
-#[cfg(not(loom))]
-const STRIPES: usize = 8;
-/// Under loom threads use stripe 0 unless a test moves them (see
-/// `sync::stripe_hint`); two stripes keep the model small.
-#[cfg(loom)]
-const STRIPES: usize = 2;
+use crate::sync::{AtomicUsize, Ordering, STRIPES, stripe};
 
 /// A monotonic counter striped across cache-padded cells.
 pub(crate) struct StripedCounter {
@@ -31,13 +28,8 @@ impl StripedCounter {
         }
     }
 
-    /// Add `n`. Relaxed: a total orders nothing, it only counts.
-    pub(crate) fn add(&self, n: usize) {
-        self.cells[stripe_hint() % STRIPES].fetch_add(n, Ordering::Relaxed);
-    }
-
     pub(crate) fn incr(&self) {
-        self.add(1);
+        self.cells[stripe()].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The sum over all stripes.

@@ -7,21 +7,23 @@
 //! So the proxy, the tests, the loom model checks and the fault simulation all
 //! drive the same code.
 //!
-//! - [`ConnPool`]: a bounded lock-free queue of idle connections, RAII [`Lease`]s,
-//!   CAS slot [`Reservation`]s for dials, O(1) [`PoolSnapshot`]s.
+//! - [`ConnPool`]: a bounded lock-free queue of idle connections with a
+//!   per-thread stripe in front of it, RAII [`Lease`]s, CAS slot
+//!   [`Reservation`]s for dials, O(1) [`PoolSnapshot`]s, [`IdleSweep`]s for
+//!   health rounds.
 //! - [`Signal`]: the coalescing request flag a pool's single reconcile worker waits on.
 
-mod cache;
 mod counter;
 mod pool;
 mod queue;
 mod signal;
+mod stripes;
 mod sync;
 mod waiters;
 
 pub use pool::{
-    AcquireWait, ConnPool, Connection, Lease, LeaseRef, PoolConfig, PoolCore, PoolDraining,
-    PoolRef, PoolSnapshot, Reservation, Returned,
+    AcquireWait, ConnPool, Connection, IdleSweep, Lease, LeaseRef, PoolConfig, PoolCore,
+    PoolDraining, PoolRef, PoolSnapshot, Reservation, Returned,
 };
 pub use signal::{Signal, SignalWait};
 
@@ -31,7 +33,7 @@ pub use signal::{Signal, SignalWait};
 pub mod __private {
     pub use crate::queue::ArrayQueue;
 
-    /// Put the calling thread on parking/counter stripe `n` (tests only:
+    /// Put the calling thread on stripe `n` (tests only:
     /// proptest and loom use it to exercise acquires that steal from another
     /// thread's stripe).
     pub fn set_thread_stripe(n: usize) {

@@ -7,16 +7,41 @@
 //! high bits, so an arbitrary capacity works and a position from an old lap can
 //! never be mistaken for a current one.
 //!
+//! # Invariants
+//! - `head <= tail <= head + cap` (as position counts); the values are in the
+//!   positions `head..tail`, oldest at `head`.
+//! - A position is claimed by exactly one thread: the producer whose CAS moved
+//!   `tail` past it, then the consumer whose CAS moved `head` past it. Only the
+//!   claimant touches the slot's value until it stamps the slot.
+//! - `push` and `pop` are linearizable: a `pop` that starts after a `push`
+//!   completed never reports empty while that value (or an older one) is
+//!   still in the queue. (Vyukov's original reports empty when the head slot
+//!   is claimed by a producer that has not written it yet, even if later
+//!   pushes have completed; the pool's no-lost-wake-up argument needs a pop to
+//!   see every completed push, so `pop` waits for that producer instead.)
+//!
+//! # Orderings
+//! - `tail`/`head` CAS: SeqCst, so the positions have one total order with the
+//!   SeqCst fences of `pop`, `push` and the pool.
+//! - A producer's value write happens-before its Release stamp store, which
+//!   the consumer's Acquire stamp load reads: the consumer sees the value. The
+//!   consumer's Release stamp store (freeing the slot for the next lap) is read
+//!   by the next lap's producer's Acquire load, so its read of the old value
+//!   happens-before the overwrite.
+//!
+//! # Progress
 //! `push` and `pop` never take a lock and never allocate after construction.
-//! `pop` never waits for another thread: a slot claimed by a producer that has
-//! not finished writing it counts as empty. `push` may spin briefly on a slot a
-//! consumer is in the middle of freeing, which happens only when the queue is
-//! full (and a pool's queue has room for every connection it may hold).
+//! `pop` may wait for a producer that has claimed the head slot and not yet
+//! stamped it (two stores away); `push` may wait for a consumer in the middle
+//! of freeing a slot, which happens only when the queue is full (and a pool's
+//! queue has room for every connection it may hold). Either waits by spinning
+//! briefly, then yielding the core, since the thread it waits for may have
+//! been preempted; it never waits for anything but that thread's next stores.
 
 use crossbeam_utils::CachePadded;
 use std::mem::MaybeUninit;
 
-use crate::sync::{AtomicUsize, Ordering, UnsafeCell, fence, spin_hint};
+use crate::sync::{AtomicUsize, Ordering, UnsafeCell, fence, snooze, spin_hint};
 
 struct Slot<T> {
     /// Invariant: for the position `p` that maps to this slot in the current lap,
@@ -133,12 +158,35 @@ impl<T> ArrayQueue<T> {
 
     /// Pop the oldest value, or `None` if the queue is empty.
     pub fn pop(&self) -> Option<T> {
+        self.pop_where(|_| true)
+    }
+
+    /// A mark of everything pushed so far: [`ArrayQueue::pop_before`] with it
+    /// pops only values pushed before the mark was taken.
+    pub fn mark(&self) -> usize {
+        self.position_count(self.tail.load(Ordering::SeqCst))
+    }
+
+    /// Pop the oldest value if it was pushed before `mark` was taken, so a
+    /// sweep that puts values back behind the mark meets each value at most once.
+    pub fn pop_before(&self, mark: usize) -> Option<T> {
+        // Position counts grow by one per push; compare them as a distance so
+        // the comparison survives wrapping.
+        self.pop_where(|head| (mark.wrapping_sub(head) as isize) > 0)
+    }
+
+    /// Pop the oldest value if `take(its position count)`.
+    fn pop_where(&self, take: impl Fn(usize) -> bool) -> Option<T> {
         let mut head = self.head.load(Ordering::Relaxed);
+        let mut step = 0;
         loop {
             let index = head & (self.one_lap - 1);
             let slot = &self.buffer[index];
             let stamp = slot.stamp.load(Ordering::Acquire);
             if stamp == head.wrapping_add(1) {
+                if !take(self.position_count(head)) {
+                    return None;
+                }
                 // The slot holds a value for this lap: try to claim position `head`.
                 match self.head.compare_exchange_weak(
                     head,
@@ -158,12 +206,21 @@ impl<T> ArrayQueue<T> {
                     Err(current) => head = current,
                 }
             } else if stamp == head {
-                // The slot is empty for this lap. If a producer has claimed it but
-                // not stamped it yet, its push has not completed: report empty
-                // rather than wait for it (a preempted producer would stall every
-                // consumer), as Vyukov's original does. Linearizable: the pop
-                // takes effect before that push does.
-                return None;
+                // The slot is empty for this lap: an empty queue, or a producer
+                // has claimed position `head` and not written it yet. Pairs
+                // with the SeqCst CAS of `push`: if `tail` has moved past
+                // `head`, that push is in flight and later ones may have
+                // completed behind it, so wait for it rather than report a
+                // false "empty" (issue 10: a waiter woken for a completed push
+                // would find nothing and sleep while a connection sat idle).
+                fence(Ordering::SeqCst);
+                let tail = self.tail.load(Ordering::Relaxed);
+                if tail == head {
+                    return None;
+                }
+                snooze(step);
+                step = step.saturating_add(1);
+                head = self.head.load(Ordering::Relaxed);
             } else {
                 // Another consumer took this position, or our view is stale.
                 spin_hint();
@@ -172,17 +229,8 @@ impl<T> ArrayQueue<T> {
         }
     }
 
-    /// Total values ever pushed: the lap and index of `tail`. (Exact when no
-    /// push is in flight; wraps after 2^64 / `one_lap` laps, i.e. never.)
-    pub fn total_pushes(&self) -> usize {
-        self.position_count(self.tail.load(Ordering::Acquire))
-    }
-
-    /// Total values ever popped: the lap and index of `head`.
-    pub fn total_pops(&self) -> usize {
-        self.position_count(self.head.load(Ordering::Acquire))
-    }
-
+    /// The number of positions before `pos`: its lap times the capacity plus
+    /// its index. Grows by one per push (or pop); wraps after 2^64.
     fn position_count(&self, pos: usize) -> usize {
         (pos / self.one_lap)
             .wrapping_mul(self.cap)
@@ -265,6 +313,28 @@ mod tests {
                 assert_eq!(q.len(), 0);
             }
             assert_eq!(next_in, next_out);
+        }
+    }
+
+    #[test]
+    fn pop_before_takes_only_what_was_queued_before_the_mark() {
+        let q = ArrayQueue::new(3);
+        for round in 0..10 {
+            q.push(round * 10).unwrap();
+            q.push(round * 10 + 1).unwrap();
+            let mark = q.mark();
+            // What a sweep takes out and puts back lands behind the mark.
+            let first = q.pop_before(mark).unwrap();
+            q.push(first).unwrap();
+            let second = q.pop_before(mark).unwrap();
+            q.push(second).unwrap();
+            assert_eq!((first, second), (round * 10, round * 10 + 1));
+            assert_eq!(q.pop_before(mark), None, "met a value twice");
+            assert_eq!(q.len(), 2);
+            assert_eq!(
+                (q.pop(), q.pop(), q.pop()),
+                (Some(first), Some(second), None)
+            );
         }
     }
 

@@ -9,6 +9,19 @@
 //!
 //! Built on the crate's `sync` facade (not tokio's `Notify`) so that loom checks
 //! it together with the pool.
+//!
+//! # Invariants
+//! - `state` is `PENDING` exactly while a request has not been consumed.
+//! - At most one waker is stored: the single consumer's, while it waits.
+//!
+//! # Orderings
+//! - Every transition of `state` is a swap (AcqRel): a read-modify-write
+//!   always reads the latest value in the flag's modification order, so the
+//!   order of swaps alone decides who sees whose request, and a consumer that
+//!   takes a request sees what the triggering thread did before triggering.
+//! - The waker is stored under the mutex *before* the consumer's second swap,
+//!   and a trigger takes it under the mutex *after* its swap: whichever swap
+//!   comes second sees the other side (the argument is at `SignalWait::poll`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,7 +38,7 @@ pub struct Signal {
     /// Every transition is a swap (a read-modify-write), so the flag's
     /// modification order alone decides who sees whose request.
     state: AtomicUsize,
-    /// The waker of the consumer currently parked in `wait()`, if any.
+    /// The waker of the consumer currently waiting in `wait()`, if any.
     waker: Mutex<Option<Waker>>,
 }
 

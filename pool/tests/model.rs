@@ -43,8 +43,8 @@ enum Op {
     Drain,
     /// A health check: take an idle connection out (uncounted) and put it back.
     HealthCheck,
-    /// Move the test thread to another parking stripe (as if the next calls
-    /// came from another worker thread).
+    /// Move the test thread to another stripe (as if the next calls came
+    /// from another worker thread).
     SetStripe(usize),
 }
 
@@ -73,8 +73,8 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Default)]
 struct Model {
     idle: VecDeque<usize>,
-    /// The connection parked on each stripe (pool/src/cache.rs).
-    parked: [Option<usize>; 8],
+    /// The connection on each stripe (pool/src/stripes.rs).
+    stripes: [Option<usize>; 8],
     stripe: usize,
     leased: Vec<usize>,
     reserved: usize,
@@ -88,16 +88,16 @@ struct Model {
 
 impl Model {
     fn idle_count(&self) -> usize {
-        self.idle.len() + self.parked.iter().flatten().count()
+        self.idle.len() + self.stripes.iter().flatten().count()
     }
 
     fn live(&self) -> usize {
         self.idle_count() + self.leased.len() + self.reserved
     }
 
-    /// A connection parked on stripe `i`, if alive; a dead one is closed.
-    fn take_parked(&mut self, i: usize, alive: &[Arc<AtomicBool>]) -> Option<usize> {
-        let id = self.parked[i].take()?;
+    /// The connection on stripe `i`, if alive; a dead one is closed.
+    fn take_from_stripe(&mut self, i: usize, alive: &[Arc<AtomicBool>]) -> Option<usize> {
+        let id = self.stripes[i].take()?;
         if alive[id].load(Ordering::SeqCst) {
             Some(id)
         } else {
@@ -112,7 +112,7 @@ impl Model {
             return None;
         }
         let own = self.stripe;
-        if session && let Some(id) = self.take_parked(own, alive) {
+        if session && let Some(id) = self.take_from_stripe(own, alive) {
             return Some(id);
         }
         while let Some(id) = self.idle.pop_front() {
@@ -121,9 +121,16 @@ impl Model {
             }
             self.close(id);
         }
-        (0..8)
-            .filter(|&i| !(session && i == own))
-            .find_map(|i| self.take_parked(i, alive))
+        // A session looks at every stripe, its own last; maintenance at every
+        // stripe in order.
+        let order: Vec<usize> = if session {
+            (1..=8).map(|k| (own + k) % 8).collect()
+        } else {
+            (0..8).collect()
+        };
+        order
+            .into_iter()
+            .find_map(|i| self.take_from_stripe(i, alive))
     }
 
     fn close(&mut self, id: usize) {
@@ -136,14 +143,14 @@ impl Model {
         self.put_back_as(id, alive, false)
     }
 
-    /// `session`: a session's release parks on the thread's stripe if free.
+    /// `session`: a session's release goes to the thread's stripe if it holds none.
     fn put_back_as(&mut self, id: usize, alive: bool, session: bool) -> Returned {
         if !alive || self.draining || self.live() + 1 > self.target {
             self.close(id);
             Returned::Closed
         } else {
-            if session && self.parked[self.stripe].is_none() {
-                self.parked[self.stripe] = Some(id);
+            if session && self.stripes[self.stripe].is_none() {
+                self.stripes[self.stripe] = Some(id);
             } else {
                 self.idle.push_back(id);
             }
@@ -274,7 +281,7 @@ impl Harness {
                 let candidates: Vec<usize> = m
                     .idle
                     .iter()
-                    .chain(m.parked.iter().flatten())
+                    .chain(m.stripes.iter().flatten())
                     .chain(m.leased.iter())
                     .copied()
                     .collect();
@@ -283,32 +290,33 @@ impl Harness {
                 }
             }
             Op::Prune => {
-                let n = m.idle.len();
-                for _ in 0..n {
-                    let Some(id) = m.idle.pop_front() else { break };
-                    if self.alive[id].load(Ordering::SeqCst) {
-                        m.put_back(id, true);
-                    } else {
-                        m.close(id);
-                    }
-                }
+                // An idle sweep: each stripe, then each connection queued
+                // when it began; each checked one goes to the back of the queue.
+                let queued = m.idle.len();
+                let mut want_closed = 0;
                 for i in 0..8 {
-                    let Some(id) = m.parked[i].take() else {
+                    let Some(id) = m.stripes[i].take() else {
                         continue;
                     };
-                    if self.alive[id].load(Ordering::SeqCst) {
-                        m.put_back(id, true);
-                    } else {
-                        m.close(id);
+                    let alive = self.alive[id].load(Ordering::SeqCst);
+                    if m.put_back(id, alive) == Returned::Closed {
+                        want_closed += 1;
                     }
                 }
-                self.pool.prune_dead_idle();
+                for _ in 0..queued {
+                    let Some(id) = m.idle.pop_front() else { break };
+                    let alive = self.alive[id].load(Ordering::SeqCst);
+                    if m.put_back(id, alive) == Returned::Closed {
+                        want_closed += 1;
+                    }
+                }
+                assert_eq!(self.pool.prune_dead_idle(), want_closed, "prune");
             }
             Op::Shrink => {
                 while m.live() > m.target {
                     let id = match m.idle.pop_front() {
                         Some(id) => id,
-                        None => match m.parked.iter_mut().find_map(Option::take) {
+                        None => match m.stripes.iter_mut().find_map(Option::take) {
                             Some(id) => id,
                             None => break,
                         },
@@ -337,7 +345,7 @@ impl Harness {
                     m.close(id);
                 }
                 for i in 0..8 {
-                    if let Some(id) = m.parked[i].take() {
+                    if let Some(id) = m.stripes[i].take() {
                         m.close(id);
                     }
                 }
@@ -367,7 +375,7 @@ impl Harness {
         // Every connection ever made is in exactly one place.
         for id in 0..self.alive.len() {
             let places = usize::from(m.idle.contains(&id))
-                + m.parked.iter().filter(|p| **p == Some(id)).count()
+                + m.stripes.iter().filter(|p| **p == Some(id)).count()
                 + m.leased.iter().filter(|&&x| x == id).count()
                 + usize::from(m.closed.contains(&id));
             assert_eq!(places, 1, "connection {id} is in {places} places");
@@ -395,5 +403,11 @@ proptest! {
         let s = h.pool.snapshot();
         prop_assert_eq!(s.live, s.idle);
         prop_assert_eq!(s.dialing, 0);
+        // When the pool goes, every connection ever made has been closed
+        // exactly once.
+        drop(h.pool);
+        let mut closed = h.closed_log.lock().unwrap().clone();
+        closed.sort_unstable();
+        prop_assert_eq!(closed, (0..h.alive.len()).collect::<Vec<_>>());
     }
 }
