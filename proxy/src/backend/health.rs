@@ -4,9 +4,10 @@
 //! reconcile worker to run.
 //!
 //! Idle connections are pinged every `health_interval` (jittered) and must
-//! answer with a pong within `health_timeout`. A check takes one idle
-//! connection out of the pool at a time (so it never holds anything `acquire`
-//! needs beyond that one connection) and puts it back only if it answered.
+//! answer with a pong within `health_timeout`. A round visits each idle
+//! connection once, those waiting on a thread's stripe included; a check
+//! takes its connection out of the pool (so it holds nothing `acquire` needs
+//! beyond that connection) and puts it back only if it answered.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,7 +16,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use rand::rngs::SmallRng;
-use sttproxy_pool::{ConnPool, Connection};
+use sttproxy_pool::{ConnPool, Connection, Lease};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -152,56 +153,144 @@ pub async fn run_health_checks<S>(
     BackendConn<S>: Connection,
 {
     let mut seq: u64 = 0;
+    let health = &health;
+    let backend_id = backend_id.as_str();
     loop {
         tokio::select! {
             biased;
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(jitter(interval, &mut rng)) => {}
         }
-        // Check each connection idle now once (checked ones go to the back of
-        // the queue), several at a time: one at a time, a silent backend's k-th
-        // connection would only be found after k × timeout. At most
-        // `CONCURRENT_PINGS` idle connections are out of the pool at once, each
-        // for one round trip (or `timeout` when the backend is silent).
-        let n = pool.snapshot().idle;
-        let mut started = 0;
-        let mut pings = FuturesUnordered::new();
-        loop {
-            while started < n && pings.len() < CONCURRENT_PINGS {
-                let Some(mut lease) = pool.checkout_idle() else {
-                    started = n;
-                    break;
-                };
-                started += 1;
-                seq = seq.wrapping_add(1);
-                let payload = seq;
-                pings.push(async move {
-                    let result = ping(&mut lease, payload, timeout).await;
-                    (lease, result)
-                });
-            }
-            let next = tokio::select! {
-                biased;
-                () = cancel.cancelled() => return,
-                next = pings.next() => next,
-            };
-            let Some((mut lease, result)) = next else {
-                break;
-            };
-            match result {
-                Ok(()) => {
-                    health.pings_ok.fetch_add(1, Ordering::Relaxed);
-                    health.record(true);
-                    lease.release();
-                }
-                Err(e) => {
-                    tracing::info!(backend = %backend_id, error = %e, "idle connection failed its health check");
-                    health.ping_failures.fetch_add(1, Ordering::Relaxed);
-                    health.record(false);
-                    lease.mark_broken();
-                    lease.discard();
+        let round = check_round(&pool, &cancel, |mut lease: Lease<BackendConn<S>>| {
+            seq = seq.wrapping_add(1);
+            let payload = seq;
+            async move {
+                match ping(&mut lease, payload, timeout).await {
+                    Ok(()) => {
+                        health.pings_ok.fetch_add(1, Ordering::Relaxed);
+                        health.record(true);
+                        lease.release();
+                    }
+                    Err(e) => {
+                        tracing::info!(backend = %backend_id, error = %e, "idle connection failed its health check");
+                        health.ping_failures.fetch_add(1, Ordering::Relaxed);
+                        health.record(false);
+                        lease.mark_broken();
+                        lease.discard();
+                    }
                 }
             }
+        });
+        if round.await == Round::Cancelled {
+            return;
         }
+    }
+}
+
+/// How a health round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    Done,
+    Cancelled,
+}
+
+/// One health round: hand each connection idle when the round begins to
+/// `check` once ([`ConnPool::idle_sweep`]: those on thread stripes, then
+/// those queued; checked ones go back behind the sweep's mark, so none is met
+/// twice), several at a time: one at a time, a silent backend's k-th
+/// connection would only be found after k × timeout. At most
+/// `CONCURRENT_PINGS` idle connections are out of the pool at once, each for
+/// one round trip (or the ping timeout when the backend is silent). `check`
+/// pings its lease and releases or discards it.
+async fn check_round<C, F, Fut>(
+    pool: &ConnPool<C>,
+    cancel: &CancellationToken,
+    mut check: F,
+) -> Round
+where
+    C: Connection,
+    F: FnMut(Lease<C>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut sweep = pool.idle_sweep().fuse();
+    let mut pings = FuturesUnordered::new();
+    loop {
+        while pings.len() < CONCURRENT_PINGS {
+            let Some(lease) = sweep.next() else { break };
+            pings.push(check(lease));
+        }
+        let next = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Round::Cancelled,
+            next = pings.next() => next,
+        };
+        if next.is_none() {
+            return Round::Done;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::{Arc, Mutex};
+
+    use sttproxy_pool::__private::set_thread_stripe;
+    use sttproxy_pool::{ConnPool, Connection, PoolConfig, Returned};
+    use tokio_util::sync::CancellationToken;
+
+    use super::{CONCURRENT_PINGS, Round, check_round};
+
+    struct Fake {
+        id: usize,
+    }
+
+    impl Connection for Fake {
+        fn is_alive(&self) -> bool {
+            true
+        }
+    }
+
+    // Issue 10, defect 6: with more idle connections queued than are pinged
+    // at once, a round must still reach each idle connection exactly once,
+    // those waiting on a thread's stripe included (before, it pinged queued
+    // ones twice and the stripes never).
+    #[tokio::test]
+    async fn a_round_checks_every_idle_connection_once_stripes_included() {
+        let n = CONCURRENT_PINGS + 10;
+        let pool = ConnPool::new(PoolConfig::new(n, n));
+        for id in 0..n {
+            assert_eq!(
+                pool.try_reserve().unwrap().offer(Fake { id }),
+                Returned::Idle
+            );
+        }
+        // Sessions that ended on two threads left a connection on each
+        // thread's stripe; the rest wait in the queue.
+        for stripe in [0, 1] {
+            set_thread_stripe(stripe);
+            assert_eq!(pool.acquire().unwrap().release(), Returned::Idle);
+        }
+        assert_eq!(pool.snapshot().idle, n);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let round = check_round(&pool, &CancellationToken::new(), |lease| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(lease.id);
+                tokio::task::yield_now().await;
+                lease.release();
+            }
+        })
+        .await;
+        assert_eq!(round, Round::Done);
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            (0..n).collect::<Vec<_>>(),
+            "each idle connection checked once"
+        );
+        assert_eq!(pool.snapshot().idle, n);
     }
 }
