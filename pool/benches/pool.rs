@@ -1,6 +1,9 @@
 //! acquire+release throughput: our pool vs the reference write-up's naive design
 //! (one Mutex over a Vec with in-use flags, scanned from the start) vs
-//! `deadpool::unmanaged::Pool`; and the cost of a snapshot while two threads churn.
+//! `deadpool::unmanaged::Pool`; the same when every connection is released on
+//! another thread than the one that acquired it (`cross_thread`, the worst
+//! case of our per-thread stripes); and the cost of a snapshot while two
+//! threads churn.
 //!
 //! `cargo bench -p sttproxy-pool --bench pool`
 //!
@@ -19,6 +22,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use sttproxy_pool::__private::ArrayQueue;
 use sttproxy_pool::{ConnPool, Connection, Lease, LeaseRef, PoolConfig};
 
 /// Stand-in for a backend connection: a little state, like a real handle.
@@ -42,7 +46,7 @@ fn conn(id: usize) -> Conn {
 
 /// The pool designs under test, behind one small interface.
 trait BenchPool: Send + Sync + 'static {
-    type Held<'a>
+    type Held<'a>: Send
     where
         Self: 'a;
     fn acquire(&self) -> Option<Self::Held<'_>>;
@@ -220,34 +224,121 @@ fn churn<P: BenchPool>(pool: &Arc<P>, threads: usize, iters: u64) -> Duration {
     start.elapsed()
 }
 
+/// Run `iters` pairs where one thread only acquires and hands each lease
+/// over (through a bounded lock-free queue) to a second thread that only
+/// releases: every release is on another thread than its acquire. Wall time.
+fn churn_cross<P: BenchPool>(pool: &P, iters: u64) -> Duration {
+    let handoff = ArrayQueue::new(64);
+    let barrier = Barrier::new(3);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            barrier.wait();
+            let mut done = 0;
+            while done < iters {
+                match pool.acquire() {
+                    Some(h) => {
+                        let mut h = h;
+                        while let Err(back) = handoff.push(h) {
+                            h = back;
+                            std::hint::spin_loop();
+                        }
+                        done += 1;
+                    }
+                    None => std::hint::spin_loop(),
+                }
+            }
+        });
+        scope.spawn(|| {
+            barrier.wait();
+            let mut done = 0;
+            while done < iters {
+                match handoff.pop() {
+                    Some(h) => {
+                        pool.release(black_box(h));
+                        done += 1;
+                    }
+                    None => std::hint::spin_loop(),
+                }
+            }
+        });
+        barrier.wait();
+        let start = Instant::now();
+        // The scope joins both threads before it returns.
+        start
+    })
+    .elapsed()
+}
+
+/// How the measured threads use the pool.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// This many threads, each releasing what it acquired.
+    SameThread(usize),
+    /// Two threads: one acquires, the other releases.
+    CrossThread,
+}
+
+fn measure<P: BenchPool>(pool: &Arc<P>, shape: Shape, iters: u64) -> Duration {
+    match shape {
+        Shape::SameThread(threads) => churn(pool, threads, iters),
+        Shape::CrossThread => churn_cross(&**pool, iters),
+    }
+}
+
+/// Every pool design in one state, measured in one shape.
+fn bench_designs(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    (total, leased): (usize, usize),
+    shape: Shape,
+    threads: usize,
+) {
+    let s = ours_ref(total, leased);
+    group.bench_function(BenchmarkId::new("ours-ref", threads), |b| {
+        b.iter_custom(|iters| measure(&s.pool, shape, iters))
+    });
+    let s = ours(total, leased);
+    group.bench_function(BenchmarkId::new("ours-owned", threads), |b| {
+        b.iter_custom(|iters| measure(&s.pool, shape, iters))
+    });
+    let s = deadpool(total, leased);
+    group.bench_function(BenchmarkId::new("deadpool", threads), |b| {
+        b.iter_custom(|iters| measure(&s.pool, shape, iters))
+    });
+    let s = naive(total, leased);
+    group.bench_function(BenchmarkId::new("naive", threads), |b| {
+        b.iter_custom(|iters| measure(&s.pool, shape, iters))
+    });
+}
+
+/// (name, total connections, leased for the whole run)
+const STATES: [(&str, usize, usize); 2] = [("16-idle", 16, 0), ("1024-90pct-leased", 1024, 922)];
+
 fn acquire_release(c: &mut Criterion) {
-    // (name, total connections, leased for the whole run)
-    let states = [("16-idle", 16, 0), ("1024-90pct-leased", 1024, 922)];
-    for (state, total, leased) in states {
+    for (state, total, leased) in STATES {
         let mut group = c.benchmark_group(format!("acquire_release/{state}"));
         group.measurement_time(Duration::from_secs(3));
         group.warm_up_time(Duration::from_millis(500));
         group.sample_size(20);
         for threads in [1usize, 2, 8] {
-            let s = ours_ref(total, leased);
-            group.bench_with_input(BenchmarkId::new("ours-ref", threads), &threads, |b, &t| {
-                b.iter_custom(|iters| churn(&s.pool, t, iters))
-            });
-            let s = ours(total, leased);
-            group.bench_with_input(
-                BenchmarkId::new("ours-owned", threads),
-                &threads,
-                |b, &t| b.iter_custom(|iters| churn(&s.pool, t, iters)),
+            bench_designs(
+                &mut group,
+                (total, leased),
+                Shape::SameThread(threads),
+                threads,
             );
-            let s = deadpool(total, leased);
-            group.bench_with_input(BenchmarkId::new("deadpool", threads), &threads, |b, &t| {
-                b.iter_custom(|iters| churn(&s.pool, t, iters))
-            });
-            let s = naive(total, leased);
-            group.bench_with_input(BenchmarkId::new("naive", threads), &threads, |b, &t| {
-                b.iter_custom(|iters| churn(&s.pool, t, iters))
-            });
         }
+        group.finish();
+    }
+}
+
+/// Every release on another thread than its acquire (two threads).
+fn cross_thread(c: &mut Criterion) {
+    for (state, total, leased) in STATES {
+        let mut group = c.benchmark_group(format!("cross_thread/{state}"));
+        group.measurement_time(Duration::from_secs(3));
+        group.warm_up_time(Duration::from_millis(500));
+        group.sample_size(20);
+        bench_designs(&mut group, (total, leased), Shape::CrossThread, 2);
         group.finish();
     }
 }
@@ -300,5 +391,5 @@ fn snapshot_under_churn(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, acquire_release, snapshot_under_churn);
+criterion_group!(benches, acquire_release, cross_thread, snapshot_under_churn);
 criterion_main!(benches);
