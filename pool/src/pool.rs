@@ -5,8 +5,10 @@
 //! (`stripes.rs`): a session's release leaves it on its thread's stripe when
 //! that holds none, everything else goes to the queue. A session's acquire
 //! looks at its own stripe, then the queue, then every stripe (its own last,
-//! so one released on its thread meanwhile is found too); maintenance looks
-//! at the queue first, so it reaches the longest idle connections.
+//! so one released on its thread meanwhile is found too). `checkout_idle`
+//! looks at the queue first, so it reaches the longest idle connections; an
+//! `IdleSweep` takes each stripe's connection, then the queued ones up to the
+//! queue's mark taken when it began.
 //!
 //! # Accounting
 //! `slots` packs two counts into one atomic word: `live`, every connection
@@ -17,7 +19,9 @@
 //! reserved (a CAS that refuses to pass `max`) or a connection or reservation
 //! ends. `limits` packs `target` and `max` the same way, so they are always
 //! read and changed together. `idle` is counted (the queue's length plus the
-//! stripes that hold one); `leased` is derived: `live - dialing - idle`.
+//! stripes that hold one); `leased` is derived: `live - dialing - idle`, so a
+//! connection in hand (being released, or offered after its dial) counts as
+//! leased until it is idle.
 //! Acquire and release touch no shared counter: the session totals are
 //! bumped on the thread's own stripe, and a total is a sum of monotonic
 //! cells, never a difference, so it never runs backwards.
@@ -48,6 +52,9 @@
 //!   drain's sweep finds what a releaser put back, or the releaser sees the
 //!   flag and sweeps itself.
 //! - Releasers and waiters order themselves with SeqCst fences (`waiters.rs`).
+//! - `limits`: changed only by read-modify-writes (`set_target`'s CAS keeps
+//!   the `max` it read, `set_limits` swaps both), so no change can undo
+//!   another's `max`.
 //! - Totals and `limits` reads are Relaxed or Acquire: they order nothing
 //!   beyond their own value.
 
