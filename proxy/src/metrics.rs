@@ -117,7 +117,7 @@ impl Metrics {
         );
         registry.register(
             "fencing",
-            "Session fences on backend connections, by outcome (clean, timeout, error, not_fenced)",
+            "Session fences on backend connections, by outcome (clean, dirty: completed but bytes of the session were left over, so the connection was closed; timeout, error, not_fenced)",
             m.fencing.clone(),
         );
         registry.register(
@@ -136,7 +136,8 @@ impl Metrics {
         registry.register(
             "client_closes",
             "Close handshakes with clients, by outcome (clean, no_reply: our Close was not \
-             answered in time, not_sent: the socket was shut without a Close frame)",
+             answered in time, not_sent: the socket was shut without a Close frame, \
+             vanished: the client's stream ended without a close handshake)",
             m.client_closes.clone(),
         );
         registry.register(

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendConn, Reuse, fence};
 use crate::backends::Backends;
-use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel, TO_BACKEND, TO_CLIENT};
+use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::relay::{self, CLOSE_TIMEOUT, FrameStream, RelayLease, RelaySettings};
 use crate::route::{self, NoConnection};
 
@@ -204,7 +204,8 @@ where
 
     if fenced {
         let start = fence::start_message(id, params);
-        let sent = tokio::time::timeout(settings.send_timeout, lease.stream.send_text(&start)).await;
+        let sent =
+            tokio::time::timeout(settings.send_timeout, lease.stream.send_text(&start)).await;
         if !matches!(sent, Ok(Ok(()))) {
             tracing::info!(session = %id, "backend failed at session.start");
             lease.mark_broken();
@@ -229,15 +230,14 @@ where
         id,
         relay_settings,
         &ctx.shutdown,
+        m,
     )
     .await;
-    m.messages.get_or_create(&TO_BACKEND).inc_by(end.to_backend.0);
-    m.bytes.get_or_create(&TO_BACKEND).inc_by(end.to_backend.1);
-    m.messages.get_or_create(&TO_CLIENT).inc_by(end.to_client.0);
-    m.bytes.get_or_create(&TO_CLIENT).inc_by(end.to_client.1);
     for (reason, n) in end.dropped {
         if n > 0 {
-            m.relay_dropped.get_or_create(&ReasonLabel { reason }).inc_by(n);
+            m.relay_dropped
+                .get_or_create(&ReasonLabel { reason })
+                .inc_by(n);
         }
     }
     fence_done(m, end.fence);

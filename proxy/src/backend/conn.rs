@@ -267,25 +267,25 @@ impl WsDialer {
         // Small relayed messages must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
         let handshake = async {
-            let mut io = match &self.tls {
-                Some(cfg) => {
-                    let name = rustls::pki_types::ServerName::try_from(a.host.clone()).map_err(
-                        |e| DialError::Tls {
-                            url: a.url.clone(),
-                            source: io::Error::new(io::ErrorKind::InvalidInput, e),
-                        },
-                    )?;
-                    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-                        .connect(name, tcp)
-                        .await
-                        .map_err(|source| DialError::Tls {
-                            url: a.url.clone(),
-                            source,
-                        })?;
-                    MaybeTlsStream::Rustls(tls)
-                }
-                None => MaybeTlsStream::Plain(tcp),
-            };
+            let mut io =
+                match &self.tls {
+                    Some(cfg) => {
+                        let name = rustls::pki_types::ServerName::try_from(a.host.clone())
+                            .map_err(|e| DialError::Tls {
+                                url: a.url.clone(),
+                                source: io::Error::new(io::ErrorKind::InvalidInput, e),
+                            })?;
+                        let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                            .connect(name, tcp)
+                            .await
+                            .map_err(|source| DialError::Tls {
+                                url: a.url.clone(),
+                                source,
+                            })?;
+                        MaybeTlsStream::Rustls(tls)
+                    }
+                    None => MaybeTlsStream::Plain(tcp),
+                };
             let unread = upgrade(&mut io, a)
                 .await
                 .map_err(|reason| DialError::Handshake {

@@ -42,9 +42,15 @@ mod tests {
         assert_eq!(v["type"], "session.start");
         assert_eq!(v["params"]["lang"], "ko");
         let end: Value = serde_json::from_str(&end_message("s1", "t0k")).unwrap();
-        assert_eq!((end["session"].as_str(), end["fence"].as_str()), (Some("s1"), Some("t0k")));
+        assert_eq!(
+            (end["session"].as_str(), end["fence"].as_str()),
+            (Some("s1"), Some("t0k"))
+        );
         let ended: Value = serde_json::from_str(&ended_message("s1")).unwrap();
         assert_eq!(ended["type"], "session.ended");
-        assert!(ended.get("fence").is_none(), "the client never sees a token");
+        assert!(
+            ended.get("fence").is_none(),
+            "the client never sees a token"
+        );
     }
 }

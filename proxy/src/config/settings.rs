@@ -208,8 +208,16 @@ impl Settings {
             ("health_interval", self.health_interval, ms(10)),
             ("health_timeout", self.health_timeout, ms(1)),
             ("reconcile_interval", self.reconcile_interval, ms(10)),
-            ("backend_connect_timeout", self.backend_connect_timeout, ms(1)),
-            ("backend_handshake_timeout", self.backend_handshake_timeout, ms(1)),
+            (
+                "backend_connect_timeout",
+                self.backend_connect_timeout,
+                ms(1),
+            ),
+            (
+                "backend_handshake_timeout",
+                self.backend_handshake_timeout,
+                ms(1),
+            ),
             ("sync_interval", self.sync_interval, ms(50)),
         ]
     }
@@ -232,7 +240,9 @@ impl Settings {
             ));
         }
         if self.max_connections == 0 {
-            return Err(ConfigError::Invalid("max_connections must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "max_connections must be at least 1".into(),
+            ));
         }
         if self.max_concurrent_dials == 0 {
             return Err(ConfigError::Invalid(
@@ -357,5 +367,23 @@ mod tests {
                 .to_string()
                 .contains("max_size 4 < target_size 8")
         );
+    }
+
+    #[test]
+    fn zero_or_absurd_durations_are_rejected_naming_the_key() {
+        for key in [
+            "idle_timeout",
+            "send_timeout",
+            "drain_timeout",
+            "health_interval",
+        ] {
+            let zero: Settings = toml::from_str(&format!("{key} = \"0s\"")).unwrap();
+            let err = zero.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+            let huge: Settings = toml::from_str(&format!("{key} = \"400days\"")).unwrap();
+            let err = huge.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        assert!(Settings::default().validate().is_ok());
     }
 }

@@ -217,7 +217,10 @@ mod tests {
         assert_eq!(Header::parse(&[0xC2, 0]), Err(FrameError::Reserved));
         assert_eq!(Header::parse(&[0x83, 0]), Err(FrameError::Opcode(3)));
         assert_eq!(Header::parse(&[0x09, 0]), Err(FrameError::Control));
-        assert_eq!(Header::parse(&[0x89, 126, 0, 126]), Err(FrameError::Control));
+        assert_eq!(
+            Header::parse(&[0x89, 126, 0, 126]),
+            Err(FrameError::Control)
+        );
         let mut big = [0x82u8, 127, 0x80, 0, 0, 0, 0, 0, 0, 0];
         assert_eq!(Header::parse(&big), Err(FrameError::Length));
         big[2] = 0;

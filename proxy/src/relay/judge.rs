@@ -6,13 +6,15 @@
 //! fence; nothing a client can see or say can complete it, and a message
 //! carrying the token never reaches the client.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 
 use super::frame::{self, OP_CLOSE, OP_PING, OP_TEXT};
 use super::output::Output;
 use super::parser::{Flow, Judge, Treat, Verdict};
-use super::stream::Peer;
 use super::state::{ControlReply, Dropped, State};
+use super::stream::Peer;
 use crate::backend::fence;
 
 /// Backend text up to this size is looked at (control messages must be
@@ -20,14 +22,15 @@ use crate::backend::fence;
 pub(crate) const CONTROL_MAX: u64 = 4096;
 
 /// The keys of a control message the relay reads; others are ignored.
+/// Borrowed where the JSON has no escapes, owned where it has.
 #[derive(Deserialize)]
 struct Control<'a> {
     #[serde(rename = "type", borrow, default)]
-    kind: Option<&'a str>,
+    kind: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    session: Option<&'a str>,
+    session: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    fence: Option<&'a str>,
+    fence: Option<Cow<'a, str>>,
 }
 
 /// Parse a JSON object's control keys; `None` for anything else (data).
@@ -86,13 +89,15 @@ impl Judge for FromClient<'_> {
             return (Verdict::Drop, Flow::Continue);
         }
         if std::str::from_utf8(payload).is_err() {
-            self.state.client_fault(1007, "invalid utf-8 in a text message");
+            self.state
+                .client_fault(1007, "invalid utf-8 in a text message");
             return (Verdict::Drop, Flow::Stop);
         }
-        if !contains(payload, br#""session."#) {
-            return (Verdict::Forward, Flow::Continue);
-        }
-        match control(payload).and_then(|c| c.kind) {
+        // Every JSON object is parsed (client text is control, not the audio
+        // stream, so this is rare): a key or value spelled with JSON escapes
+        // is still recognized.
+        let kind = control(payload).and_then(|c| c.kind);
+        match kind.as_deref() {
             Some("session.end") if self.state.fenced => {
                 let end = fence::end_message(&self.state.id, &self.state.token);
                 self.state.client_ended();
@@ -166,12 +171,12 @@ impl Judge for FromBackend<'_> {
         let Some(c) = control(payload) else {
             return (forward, Flow::Continue);
         };
-        if c.session.is_some_and(|s| s != st.id) {
+        if c.session.as_deref().is_some_and(|s| s != st.id) {
             st.dropped(Dropped::ForeignSession);
             return (Verdict::Drop, Flow::Continue);
         }
-        if c.kind == Some("session.ended") {
-            if st.fence_pending() && c.fence == Some(st.token.as_str()) {
+        if c.kind.as_deref() == Some("session.ended") {
+            if st.fence_pending() && c.fence.as_deref() == Some(st.token.as_str()) {
                 let verdict = if st.client_takes_data() {
                     let ended = fence::ended_message(&st.id);
                     st.counts.to_client.0 += 1;
@@ -221,5 +226,116 @@ impl Judge for FromBackend<'_> {
     fn too_big(&mut self) {
         self.state
             .backend_failed("backend sent a message larger than max_message_size".into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use tokio::time::Duration;
+
+    use super::*;
+    use crate::relay::state::{BackendPhase, ClientPhase};
+
+    fn state() -> State {
+        State::new(
+            "s1".into(),
+            "0123456789abcdef0123456789abcdef".into(),
+            true,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )
+    }
+
+    fn from_client(st: &mut State, text: &str) -> Verdict {
+        let mut out = Output::default();
+        let mut slot = None;
+        let mut j = FromClient {
+            state: st,
+            pong: Pong {
+                out: &mut out,
+                busy: false,
+                slot: &mut slot,
+                to: Peer::Client,
+            },
+        };
+        j.message(OP_TEXT, &mut text.as_bytes().to_vec()).0
+    }
+
+    fn from_backend(st: &mut State, text: &str) -> (Verdict, Flow) {
+        let mut out = Output::default();
+        let mut slot = None;
+        let mut j = FromBackend {
+            state: st,
+            pong: Pong {
+                out: &mut out,
+                busy: false,
+                slot: &mut slot,
+                to: Peer::Backend,
+            },
+        };
+        j.message(OP_TEXT, &mut text.as_bytes().to_vec())
+    }
+
+    #[tokio::test]
+    async fn reserved_client_text_never_reaches_the_backend_whatever_its_spelling() {
+        for forged in [
+            r#"{"type":"session.ended","session":"s1"}"#,
+            r#"{"session":"s1","type":"session.ended","fence":"guess"}"#,
+            r#"{"type":"session\u002eended","session":"s1"}"#,
+            r#"{"\u0074ype":"session.start","session":"s2"}"#,
+        ] {
+            let mut st = state();
+            assert!(
+                matches!(from_client(&mut st, forged), Verdict::Drop),
+                "{forged}"
+            );
+            assert_eq!(st.dropped[Dropped::ClientReserved as usize], 1);
+            assert_eq!(st.client, ClientPhase::Open);
+        }
+        let mut st = state();
+        assert!(matches!(
+            from_client(&mut st, r#"{"type":"partial","text":"session.end"}"#),
+            Verdict::Forward
+        ));
+        // An escaped session.end is still the end, and becomes the fenced one.
+        let Verdict::Replace(end) = from_client(&mut st, r#"{"type":"session\u002eend"}"#) else {
+            panic!("session.end not recognized");
+        };
+        assert!(end.contains(&st.token));
+        assert_eq!(st.backend, BackendPhase::Fencing);
+    }
+
+    #[tokio::test]
+    async fn only_the_tokens_session_ended_completes_the_fence() {
+        let mut st = state();
+        st.client_ended();
+        for wrong in [
+            r#"{"type":"session.ended","session":"s1"}"#,
+            r#"{"type":"session.ended","session":"s1","fence":"ffffffffffffffffffffffffffffffff"}"#,
+            r#"{"type":"session.ended","session":"s2","fence":"0123456789abcdef0123456789abcdef"}"#,
+        ] {
+            let (v, flow) = from_backend(&mut st, wrong);
+            assert!(matches!(v, Verdict::Drop), "{wrong}");
+            assert_eq!(flow, Flow::Continue);
+            assert_eq!(st.backend, BackendPhase::Fencing);
+        }
+        // The token never reaches the client, whatever carries it.
+        let (v, _) = from_backend(
+            &mut st,
+            r#"{"type":"partial","session":"s1","text":"0123456789abcdef0123456789abcdef"}"#,
+        );
+        assert!(matches!(v, Verdict::Drop));
+        let (v, flow) = from_backend(
+            &mut st,
+            r#"{"type":"session.ended","session":"s1","fence":"0123456789abcdef0123456789abcdef"}"#,
+        );
+        let Verdict::Replace(shown) = v else {
+            panic!("the real session.ended must reach the client");
+        };
+        assert!(!shown.contains(&st.token));
+        assert_eq!(flow, Flow::Stop);
+        assert_eq!(st.backend, BackendPhase::FenceDone);
     }
 }

@@ -22,8 +22,8 @@ pub mod stream;
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
-use std::pin::Pin;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -36,6 +36,7 @@ use self::output::Output;
 use self::parser::{Fault, Parser, Processed};
 use self::state::{BackendPhase, ClientPhase, ControlReply, State};
 use crate::backend::BackendConn;
+use crate::metrics::{Metrics, TO_BACKEND, TO_CLIENT};
 
 /// Bytes queued toward one peer past which its source is no longer read.
 pub const QUEUE_LIMIT: usize = 64 << 10;
@@ -78,8 +79,6 @@ pub struct RelayEnd {
     pub fence: &'static str,
     /// How the client close handshake ended: clean, no_reply, not_sent.
     pub client_close: &'static str,
-    pub to_backend: (u64, u64),
-    pub to_client: (u64, u64),
     pub dropped: [(&'static str, u64); 4],
 }
 
@@ -105,6 +104,7 @@ pub async fn relay<C, B, L>(
     id: &str,
     settings: RelaySettings,
     shutdown: &tokio_util::sync::CancellationToken,
+    metrics: &Metrics,
 ) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -136,18 +136,18 @@ where
         stalled_client: None,
         stalled_backend: None,
         shutdown,
+        metrics,
         _backend: PhantomData,
     };
     let timer = tokio::time::sleep(r.tick);
     tokio::pin!(timer);
     poll_fn(|cx| r.poll(cx, timer.as_mut())).await;
+    r.flush_counts();
     let st = &r.state;
     RelayEnd {
         outcome: st.outcome.unwrap_or("ended"),
         fence: r.fence,
         client_close: r.client_close.unwrap_or("clean"),
-        to_backend: st.counts.to_backend,
-        to_client: st.counts.to_client,
         dropped: state::Dropped::ALL.map(|d| (d.label(), st.dropped[d as usize])),
     }
 }
@@ -176,6 +176,9 @@ struct Relay<'a, C, B, L> {
     stalled_client: Option<Instant>,
     stalled_backend: Option<Instant>,
     shutdown: &'a tokio_util::sync::CancellationToken,
+    /// Message counts are added here on each tick and at the end, not per
+    /// message (the counters' cache lines are shared by every session).
+    metrics: &'a Metrics,
     _backend: PhantomData<fn() -> B>,
 }
 
@@ -212,17 +215,17 @@ where
     J: parser::Judge,
 {
     let mut step = Step::default();
-    if !parser.mid_frame() {
-        if let Some(r) = reply.take() {
-            let mut frame = Vec::with_capacity(r.len + frame::MAX_HEADER);
-            frame::push_frame(
-                &mut frame,
-                frame::OP_PONG,
-                &r.payload[..r.len],
-                dst_peer.mask_for_send(),
-            );
-            out.push(&frame);
-        }
+    if !parser.mid_frame()
+        && let Some(r) = reply.take()
+    {
+        let mut frame = Vec::with_capacity(r.len + frame::MAX_HEADER);
+        frame::push_frame(
+            &mut frame,
+            frame::OP_PONG,
+            &r.payload[..r.len],
+            dst_peer.mask_for_send(),
+        );
+        out.push(&frame);
     }
     if let Poll::Ready(Err(e)) = out.flush(dst, cx) {
         step.write_failed = Some(e);
@@ -261,13 +264,8 @@ where
         };
         step.read = true;
         let buf = &mut scratch[..n];
-        let Processed { fresh, unprocessed } = match parser.process(buf, out, judge) {
-            Ok(p) => p,
-            Err(f) => {
-                step.fault = Some(f);
-                return;
-            }
-        };
+        let Processed { fresh, unprocessed } = parser.process(buf, out, judge);
+        step.fault = parser.take_fault();
         step.leftover = unprocessed > 0;
         if let Poll::Ready(Err(e)) = out.write(dst, cx, &buf[..fresh]) {
             step.write_failed = Some(e);
@@ -402,7 +400,12 @@ where
     fn pump_to_backend(&mut self, cx: &mut Context<'_>) -> bool {
         let may_read = matches!(
             self.state.client,
-            ClientPhase::Open | ClientPhase::Ended | ClientPhase::Closing { received: false, .. }
+            ClientPhase::Open
+                | ClientPhase::Ended
+                | ClientPhase::Closing {
+                    received: false,
+                    ..
+                }
         );
         let (client_io, client_unread) = self.client.parts_mut();
         let src = may_read.then_some((client_io, client_unread));
@@ -501,13 +504,26 @@ where
             } else {
                 true
             };
-            let received = matches!(self.state.client, ClientPhase::Closing { received: true, .. });
+            let received = matches!(
+                self.state.client,
+                ClientPhase::Closing { received: true, .. }
+            );
             self.state.client = ClientPhase::Closing {
                 sent: true,
                 received: !room || received,
             };
             self.to_client.silence();
             if room {
+                // The client gets close_timeout to answer once our Close is
+                // out; data kept queued ahead of it gets send_timeout more
+                // (not after a stall: that client had its send_timeout).
+                let ahead = if self.out_client.is_empty() || req.drop_queued {
+                    Duration::ZERO
+                } else {
+                    self.settings.send_timeout
+                };
+                self.state.close_deadline =
+                    Some(Instant::now() + ahead + self.settings.close_timeout);
                 let payload = match req.code {
                     Some(code) => frame::close_payload(code, req.reason),
                     None => Vec::new(),
@@ -575,8 +591,7 @@ where
                     self.fence = "error";
                     self.resolve(false, false);
                 } else {
-                    let end =
-                        crate::backend::fence::end_message(&self.state.id, &self.state.token);
+                    let end = crate::backend::fence::end_message(&self.state.id, &self.state.token);
                     let mut frame = Vec::new();
                     frame::push_frame(
                         &mut frame,
@@ -622,7 +637,21 @@ where
         self.out_backend = Output::default();
     }
 
+    fn flush_counts(&mut self) {
+        let c = std::mem::take(&mut self.state.counts);
+        let m = self.metrics;
+        if c.to_backend.0 > 0 {
+            m.messages.get_or_create(&TO_BACKEND).inc_by(c.to_backend.0);
+            m.bytes.get_or_create(&TO_BACKEND).inc_by(c.to_backend.1);
+        }
+        if c.to_client.0 > 0 {
+            m.messages.get_or_create(&TO_CLIENT).inc_by(c.to_client.0);
+            m.bytes.get_or_create(&TO_CLIENT).inc_by(c.to_client.1);
+        }
+    }
+
     fn on_tick(&mut self, now: Instant) {
+        self.flush_counts();
         let st = &mut self.state;
         if self.shutdown.is_cancelled() && st.client_takes_data() {
             st.shutdown();
@@ -657,11 +686,12 @@ where
         if st.close_deadline.is_some_and(|d| d <= now) {
             st.close_deadline = None;
             if let ClientPhase::Closing { .. } = st.client {
-                self.client_close.get_or_insert(if self.out_client.is_empty() {
-                    "no_reply"
-                } else {
-                    "not_sent"
-                });
+                self.client_close
+                    .get_or_insert(if self.out_client.is_empty() {
+                        "no_reply"
+                    } else {
+                        "not_sent"
+                    });
                 st.client = ClientPhase::Closing {
                     sent: true,
                     received: true,
@@ -678,7 +708,11 @@ where
 struct Sink;
 
 impl AsyncWrite for Sink {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -767,19 +801,33 @@ mod tests {
         let mut proxy_side = FrameStream::new(proxy_client_io, Vec::new(), Peer::Client);
         let shutdown = tokio_util::sync::CancellationToken::new();
         let relay_task = tokio::spawn(async move {
-            relay(&mut proxy_side, lease, true, "s1", settings(), &shutdown).await
+            let metrics = Metrics::new(crate::backends::Backends::default());
+            relay(
+                &mut proxy_side,
+                lease,
+                true,
+                "s1",
+                settings(),
+                &shutdown,
+                &metrics,
+            )
+            .await
         });
         let big = vec![7u8; 1 << 20];
         client.send(Message::binary(big.clone())).await.unwrap();
         client.send(Message::text("hello")).await.unwrap();
         assert_eq!(client.next().await.unwrap().unwrap(), Message::binary(big));
-        assert_eq!(client.next().await.unwrap().unwrap(), Message::text("hello"));
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::text("hello")
+        );
         client
             .send(Message::text(r#"{"type":"session.end"}"#))
             .await
             .unwrap();
         let ended = client.next().await.unwrap().unwrap();
-        let v: serde_json::Value = serde_json::from_str(ended.to_text().unwrap()).unwrap_or_else(|e| panic!("{e}: {ended:?}"));
+        let v: serde_json::Value = serde_json::from_str(ended.to_text().unwrap())
+            .unwrap_or_else(|e| panic!("{e}: {ended:?}"));
         assert_eq!(v["type"], "session.ended");
         assert!(v.get("fence").is_none());
         match client.next().await.unwrap().unwrap() {

@@ -42,7 +42,8 @@ impl Output {
         self.queued() == 0
     }
 
-    /// Heap bytes held (for tests and the memory bound).
+    /// Heap bytes held (for tests of the memory bound).
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.queue.capacity()
     }
