@@ -234,39 +234,58 @@ fn churn_cross<P: BenchPool>(pool: &P, iters: u64) -> Duration {
         scope.spawn(|| {
             barrier.wait();
             let mut done = 0;
+            let mut idle = Idle::default();
             while done < iters {
                 match pool.acquire() {
-                    Some(h) => {
-                        let mut h = h;
+                    Some(mut h) => {
                         while let Err(back) = handoff.push(h) {
                             h = back;
-                            std::hint::spin_loop();
+                            idle.wait();
                         }
                         done += 1;
+                        idle = Idle::default();
                     }
-                    None => std::hint::spin_loop(),
+                    None => idle.wait(),
                 }
             }
         });
         scope.spawn(|| {
             barrier.wait();
             let mut done = 0;
+            let mut idle = Idle::default();
             while done < iters {
                 match handoff.pop() {
                     Some(h) => {
                         pool.release(black_box(h));
                         done += 1;
+                        idle = Idle::default();
                     }
-                    None => std::hint::spin_loop(),
+                    None => idle.wait(),
                 }
             }
         });
         barrier.wait();
-        let start = Instant::now();
         // The scope joins both threads before it returns.
-        start
+        Instant::now()
     })
     .elapsed()
+}
+
+/// Waiting for the other thread of `churn_cross`: spin a little, then yield,
+/// so a descheduled partner (a busy machine) gets the core back instead of
+/// the waiter burning its time slice.
+#[derive(Default)]
+struct Idle(u32);
+
+impl Idle {
+    fn wait(&mut self) {
+        if self.0 < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+        self.0 += 1;
+    }
 }
 
 /// How the measured threads use the pool.
