@@ -9,7 +9,7 @@ use http::Uri;
 use sttproxy_pool::Connection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_tungstenite::MaybeTlsStream;
+use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
 use crate::reconcile::Dialer;
@@ -88,7 +88,55 @@ pub trait StreamLiveness {
     fn is_alive(&self) -> bool;
 }
 
-impl StreamLiveness for MaybeTlsStream<TcpStream> {
+/// The byte stream of a backend connection: plain TCP, or TLS boxed so that
+/// the many plain connections do not carry a TLS session's size.
+#[derive(Debug)]
+pub enum BackendIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for BackendIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendIo::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            BackendIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendIo::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            BackendIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendIo::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            BackendIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendIo::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            BackendIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl StreamLiveness for BackendIo {
     /// Cheap and non-blocking: a peek at the socket. An idle connection that
     /// reached end-of-stream (the backend closed or crashed) is dead; one with
     /// unread bytes on a plain connection is a protocol fault (nothing may
@@ -96,9 +144,8 @@ impl StreamLiveness for MaybeTlsStream<TcpStream> {
     /// tickets, so they are left to the health check.
     fn is_alive(&self) -> bool {
         let (tcp, tls) = match self {
-            MaybeTlsStream::Plain(s) => (s, false),
-            MaybeTlsStream::Rustls(s) => (s.get_ref().0, true),
-            _ => return true,
+            BackendIo::Plain(s) => (s, false),
+            BackendIo::Tls(s) => (s.get_ref().0, true),
         };
         let mut byte = [0u8; 1];
         let mut buf = ReadBuf::new(&mut byte);
@@ -114,7 +161,7 @@ impl StreamLiveness for MaybeTlsStream<TcpStream> {
 /// A backend connection in the pool or leased to one session, over a byte
 /// stream `S` (a TCP or TLS stream in the proxy; in-memory in the simulation).
 #[derive(Debug)]
-pub struct BackendConn<S = MaybeTlsStream<TcpStream>> {
+pub struct BackendConn<S = BackendIo> {
     pub stream: FrameStream<S>,
     /// Set by a session or health check that saw the connection fail.
     broken: bool,
@@ -282,9 +329,9 @@ impl WsDialer {
                                 url: a.url.clone(),
                                 source,
                             })?;
-                        MaybeTlsStream::Rustls(tls)
+                        BackendIo::Tls(Box::new(tls))
                     }
-                    None => MaybeTlsStream::Plain(tcp),
+                    None => BackendIo::Plain(tcp),
                 };
             let unread = upgrade(&mut io, a)
                 .await
