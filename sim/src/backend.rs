@@ -4,9 +4,14 @@
 //! after a virtual delay; `session.end` → a final → `session.ended`.
 //! Fault knobs (active only while the run's faults are on): dials that fail,
 //! hang or are slow; connections that die idle or leased (reset or EOF);
-//! late pongs; connections that stall for good; finals that come too late; and
-//! the whole backend crashing (every connection dropped, dials refused) and
-//! coming back.
+//! late pongs; connections that stall for good; finals that come too late;
+//! frames of an ended session sent after its `session.ended` (in the same
+//! write, or onto the idle connection later); and the whole backend crashing
+//! (every connection dropped, dials refused) and coming back.
+//!
+//! In echo mode a backend may reflect the JSON a client sends back to it as
+//! text (`BackendSpec::reflect_json`): whatever a client says, shaped like a
+//! control message, comes back from the backend's side.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -31,7 +36,7 @@ use crate::checker::Kind;
 use crate::runtime::SimRng;
 use crate::tasks::Tasks;
 use crate::transport::{self, LinkState, SimStream};
-use crate::world::World;
+use crate::world::{RunStats, World};
 
 /// What the backend answers to data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +68,13 @@ pub struct Faults {
     /// The final of a session comes late, delayed uniformly in `late_final_ms`.
     pub late_final_p: f64,
     pub late_final_ms: (u64, u64),
+    /// Right after a session's `session.ended`, in the same write, one more
+    /// frame of that session.
+    pub late_after_ended_p: f64,
+    /// After a session ended, one more frame of it, delayed uniformly in
+    /// `late_idle_ms` (onto the idle connection, or whatever came next).
+    pub late_idle_p: f64,
+    pub late_idle_ms: (u64, u64),
 }
 
 /// How one backend behaves.
@@ -73,6 +85,9 @@ pub struct BackendSpec {
     pub dial_ms: (u64, u64),
     /// Delay of each result (ms).
     pub result_ms: (u64, u64),
+    /// Echo mode: data that parses as a JSON object comes back as that JSON,
+    /// re-serialized (keys sorted, escapes undone), as text.
+    pub reflect_json: bool,
     pub faults: Faults,
 }
 
@@ -214,6 +229,7 @@ impl SimBackend {
             stalled: false,
             death_at: None,
             hold_until: None,
+            late: None,
         };
         self.tasks.spawn("backend-conn", conn.run(server));
         // In memory there is no HTTP handshake: the proxy's end speaks
@@ -270,6 +286,8 @@ struct ConnTask {
     death_at: Option<Instant>,
     /// Reading (and so the automatic pong) is held until then.
     hold_until: Option<Instant>,
+    /// A frame of an ended session to send then.
+    late: Option<(Instant, String)>,
 }
 
 fn text_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
@@ -307,6 +325,15 @@ impl ConnTask {
         let due = Instant::now() + delay;
         let due = self.queue.back().map_or(due, |(last, _, _)| due.max(*last));
         self.queue.push_back((due, text, ends));
+    }
+
+    /// Count an event of this connection in the run's figures and trace it.
+    fn tally(&self, bump: fn(&mut RunStats), what: String) {
+        let (pool, id) = (self.link.pool, self.link.id);
+        self.backend.world.with(|s, now| {
+            bump(&mut s.stats);
+            s.trace.record(now, format!("p{pool} c{id} {what}"));
+        });
     }
 
     fn unfenced(&self, what: String) {
@@ -350,9 +377,32 @@ impl ConnTask {
                     }
                 }
                 () = sleep_until_opt(self.hold_until) => self.hold_until = None,
+                () = sleep_until_opt(self.late.as_ref().map(|(t, _)| *t)) => {
+                    if let Some((_, text)) = self.late.take()
+                        && self.faults()
+                    {
+                        if self.session.is_none() {
+                            // Nobody has started a session here since: the
+                            // frame waits on the idle connection.
+                            self.link.set_stale(true);
+                        }
+                        self.tally(
+                            |st| st.late_frames += 1,
+                            "late frame after the session ended".into(),
+                        );
+                        if ws.send(Message::text(text)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
                 () = sleep_until_opt(next_due) => {
                     if let Some((_, text, ends)) = self.queue.pop_front() {
-                        if ws.send(Message::text(text)).await.is_err() {
+                        let sent = if ends {
+                            self.send_ended(&mut ws, text).await
+                        } else {
+                            ws.send(Message::text(text)).await
+                        };
+                        if sent.is_err() {
                             return;
                         }
                         if ends {
@@ -369,6 +419,39 @@ impl ConnTask {
                 }
             }
         }
+    }
+
+    /// Send a session's `session.ended`; with the late-frame faults, one more
+    /// frame of the session follows in the same write, or later.
+    async fn send_ended(
+        &mut self,
+        ws: &mut WebSocketStream<DuplexStream>,
+        ended: String,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        // The backend's real end of the session, from the proxy's view too:
+        // nothing can read it before it is written.
+        self.link.set_in_session(false);
+        let old = self.session.clone().unwrap_or_default();
+        let late = serde_json::json!({"type": "echo", "session": old, "data": old}).to_string();
+        let f = self.backend.spec.faults.clone();
+        if self.faults() && self.chance(f.late_after_ended_p) {
+            self.link.set_stale(true);
+            self.tally(
+                |st| st.late_frames += 1,
+                format!("{old}: session.ended and a late frame in one write"),
+            );
+            // The write buffer is off: each frame is written as it is fed,
+            // and the proxy cannot run in between.
+            ws.feed(Message::text(ended)).await?;
+            ws.feed(Message::text(late)).await?;
+            return ws.flush().await;
+        }
+        ws.send(Message::text(ended)).await?;
+        if self.faults() && self.chance(f.late_idle_p) {
+            let d = self.millis(f.late_idle_ms);
+            self.late = Some((Instant::now() + d, late));
+        }
+        Ok(())
     }
 
     fn on_message(&mut self, m: Message) {
@@ -432,6 +515,10 @@ impl ConnTask {
             self.death_at = Some(Instant::now() + d);
         }
         self.seq = 0;
+        // A lease of this connection has begun (and was checked): what was
+        // written onto it before is that session's to read now.
+        self.link.set_in_session(true);
+        self.link.set_stale(false);
         let msg = serde_json::json!({"type": "session.started", "session": sid}).to_string();
         self.enqueue(Duration::ZERO, msg, false);
         self.session = Some(sid);
@@ -454,6 +541,9 @@ impl ConnTask {
         let fin =
             serde_json::json!({"type": "final", "session": cur, "partials": self.seq}).to_string();
         self.enqueue(delay, fin, false);
+        if let Some(token) = &fence {
+            self.backend.world.fence_token(token);
+        }
         let ended = serde_json::json!({"type": "session.ended", "session": cur, "fence": fence})
             .to_string();
         self.enqueue(Duration::ZERO, ended, true);
@@ -466,13 +556,29 @@ impl ConnTask {
         };
         self.seq += 1;
         let delay = self.millis(self.backend.spec.result_ms);
-        let msg = match self.backend.spec.mode {
-            Mode::Echo => {
+        let reflected = if self.backend.spec.reflect_json && data.first() == Some(&b'{') {
+            serde_json::from_slice::<Value>(data)
+                .ok()
+                .filter(Value::is_object)
+        } else {
+            None
+        };
+        if let Some(v) = &reflected
+            && text_field(v, "type").is_some_and(|t| t.starts_with("session."))
+        {
+            self.tally(
+                |st| st.reserved_at_backend += 1,
+                format!("{cur}: client text of the session.* namespace reached the backend"),
+            );
+        }
+        let msg = match (self.backend.spec.mode, reflected) {
+            (Mode::Echo, Some(v)) => v.to_string(),
+            (Mode::Echo, None) => {
                 let tag = String::from_utf8_lossy(&data[..data.len().min(24)]);
                 let tag = tag.split('|').next().unwrap_or("");
                 serde_json::json!({"type": "echo", "session": cur, "data": tag}).to_string()
             }
-            Mode::Stt => {
+            (Mode::Stt, _) => {
                 serde_json::json!({"type": "partial", "session": cur, "seq": self.seq}).to_string()
             }
         };

@@ -33,6 +33,14 @@ pub enum Kind {
     LostMessage,
     /// A session reused a backend connection without fencing it.
     Unfenced,
+    /// A connection went back to the pool before its backend sent the real
+    /// `session.ended` (the fence was completed by something else).
+    ForgedFence,
+    /// A connection was leased after its backend wrote bytes of an ended
+    /// session onto it (past `session.ended`, or while it was idle).
+    LateFrame,
+    /// A client received a fence token.
+    TokenLeak,
     /// After the faults stopped, the pool did not reach its target in time.
     NotConverged,
     /// A task still alive after shutdown.
@@ -53,6 +61,9 @@ impl Kind {
             Kind::CrossSession => "cross_session",
             Kind::LostMessage => "lost_message",
             Kind::Unfenced => "unfenced",
+            Kind::ForgedFence => "forged_fence",
+            Kind::LateFrame => "late_frame",
+            Kind::TokenLeak => "token_leak",
             Kind::NotConverged => "not_converged",
             Kind::LeakedTask => "leaked_task",
             Kind::HungSession => "hung_session",

@@ -1,7 +1,10 @@
 //! Client emulation: a device streaming audio chunks tagged with its session,
-//! checking that everything it receives belongs to its own session, and ending
-//! gracefully (`session.end`, then waiting for `session.ended` and the close)
-//! or abruptly (vanishing, or closing, mid-stream or mid-finish).
+//! checking that everything it receives belongs to its own session (and
+//! carries no fence token), and ending gracefully (`session.end`, then waiting
+//! for `session.ended` and the close) or abruptly (vanishing, or closing,
+//! mid-stream or mid-finish). A forging client tries to end its fence itself:
+//! after `session.started` it sends a `session.ended` of its own making right
+//! before its `session.end`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +34,50 @@ pub enum EndKind {
     VanishInFinish,
 }
 
+/// The shape of a forged `session.ended`, sent right before `session.end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forge {
+    /// `{"type":"session.ended","session":"<id>"}`
+    Plain,
+    /// With a guessed `fence`.
+    GuessedFence,
+    /// Keys in another order, with spaces, and a guessed `fence`.
+    Reordered,
+    /// `session\u002eended`: the same message to a JSON parser, other bytes.
+    Escaped,
+    /// The plain text, sent as a binary message.
+    Binary,
+}
+
+impl Forge {
+    pub const ALL: [Forge; 5] = [
+        Forge::Plain,
+        Forge::GuessedFence,
+        Forge::Reordered,
+        Forge::Escaped,
+        Forge::Binary,
+    ];
+
+    /// The forged message of session `sid` (number `n`).
+    pub fn message(self, sid: &str, n: u64) -> Message {
+        let guess = format!("{:032x}", u128::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let plain = format!(r#"{{"type":"session.ended","session":"{sid}"}}"#);
+        match self {
+            Forge::Plain => Message::text(plain),
+            Forge::GuessedFence => Message::text(format!(
+                r#"{{"type":"session.ended","session":"{sid}","fence":"{guess}"}}"#
+            )),
+            Forge::Reordered => Message::text(format!(
+                r#"{{ "fence" : "{guess}", "session" : "{sid}", "type" : "session.ended" }}"#
+            )),
+            Forge::Escaped => Message::text(format!(
+                r#"{{"type":"session\u002eended","session":"{sid}"}}"#
+            )),
+            Forge::Binary => Message::binary(plain.into_bytes()),
+        }
+    }
+}
+
 /// One client's script.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientPlan {
@@ -39,6 +86,8 @@ pub struct ClientPlan {
     pub interval: Duration,
     pub size: usize,
     pub end: EndKind,
+    /// A graceful client that forges a `session.ended` before its `session.end`.
+    pub forge: Option<Forge>,
 }
 
 /// How long a graceful client waits for its session to end before it reports
@@ -48,6 +97,7 @@ const HANG_AFTER: Duration = Duration::from_secs(60);
 struct Seen {
     sid: String,
     received: u64,
+    got_started: bool,
     got_ended: bool,
     close_code: Option<u16>,
 }
@@ -63,8 +113,23 @@ impl Seen {
             Some(Ok(Message::Text(t))) => {
                 let v: Value = match serde_json::from_str(&t) {
                     Ok(v) => v,
-                    Err(_) => return true,
+                    Err(_) => {
+                        // Everything a backend says is tagged JSON.
+                        world.violation(
+                            Kind::CrossSession,
+                            format!("{} received untagged text {:?}", self.sid, trunc(&t)),
+                        );
+                        return true;
+                    }
                 };
+                if let Some(f) = v.get("fence").and_then(Value::as_str)
+                    && world.is_fence_token(f)
+                {
+                    world.violation(
+                        Kind::TokenLeak,
+                        format!("{} received a fence token: {}", self.sid, trunc(&t)),
+                    );
+                }
                 let session = v.get("session").and_then(Value::as_str).unwrap_or("");
                 let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
                 let data = v.get("data").and_then(Value::as_str);
@@ -79,9 +144,22 @@ impl Seen {
                 }
                 match kind {
                     "echo" | "partial" => self.received += 1,
+                    "session.started" => self.got_started = true,
                     "session.ended" => self.got_ended = true,
                     _ => {}
                 }
+                true
+            }
+            Some(Ok(Message::Binary(b))) => {
+                // The backends never send binary data: it is someone else's.
+                world.violation(
+                    Kind::CrossSession,
+                    format!(
+                        "{} received an untagged binary message {:?}",
+                        self.sid,
+                        trunc(&String::from_utf8_lossy(&b))
+                    ),
+                );
                 true
             }
             Some(Ok(Message::Close(frame))) => {
@@ -94,6 +172,13 @@ impl Seen {
     }
 }
 
+fn trunc(t: &str) -> &str {
+    match t.char_indices().nth(120) {
+        Some((i, _)) => &t[..i],
+        None => t,
+    }
+}
+
 /// Run one client to its end and report what it saw.
 pub async fn run_client(world: Arc<World>, plan: ClientPlan, io: DuplexStream) {
     let mut ws = WebSocketStream::from_raw_socket(io, Role::Client, Some(ws_config())).await;
@@ -101,6 +186,7 @@ pub async fn run_client(world: Arc<World>, plan: ClientPlan, io: DuplexStream) {
     let mut seen = Seen {
         sid: sid.clone(),
         received: 0,
+        got_started: false,
         got_ended: false,
         close_code: None,
     };
@@ -134,10 +220,38 @@ pub async fn run_client(world: Arc<World>, plan: ClientPlan, io: DuplexStream) {
     if open {
         match plan.end {
             EndKind::Graceful => {
-                if ws
-                    .send(Message::text(r#"{"type":"session.end"}"#))
-                    .await
-                    .is_ok()
+                let mut ready = true;
+                if let Some(forge) = plan.forge {
+                    // Forge only once the session has started.
+                    let deadline = Instant::now() + HANG_AFTER;
+                    while ready && !seen.got_started {
+                        match tokio::time::timeout_at(deadline, ws.next()).await {
+                            Ok(msg) => ready = seen.take(msg, &world),
+                            Err(_) => {
+                                world.violation(
+                                    Kind::HungSession,
+                                    format!("{sid}: no session.started in {HANG_AFTER:?}"),
+                                );
+                                ready = false;
+                            }
+                        }
+                    }
+                    ready = ready
+                        && seen.close_code.is_none()
+                        && ws.send(forge.message(&sid, plan.session)).await.is_ok();
+                    if ready {
+                        world.with(|s, now| {
+                            s.stats.forged += 1;
+                            s.trace
+                                .record(now, format!("{sid} forges {forge:?} session.ended"));
+                        });
+                    }
+                }
+                if ready
+                    && ws
+                        .send(Message::text(r#"{"type":"session.end"}"#))
+                        .await
+                        .is_ok()
                 {
                     let deadline = Instant::now() + HANG_AFTER;
                     loop {

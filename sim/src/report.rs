@@ -127,6 +127,20 @@ impl RunReport {
             st.acquire_waits_ms.iter().max().copied().unwrap_or(0),
             st.worst_snapshot_ms
         );
+        if st.forged > 0 || st.reserved_at_backend > 0 {
+            let _ = writeln!(
+                o,
+                "  forged session.ended sent by clients: {}; client data shaped like session.* control messages that reached a backend: {}",
+                st.forged, st.reserved_at_backend
+            );
+        }
+        if st.late_frames > 0 {
+            let _ = writeln!(
+                o,
+                "  late frames sent by backends after session.ended: {}",
+                st.late_frames
+            );
+        }
         let settled = match self.settled_after {
             Some(d) => format!(
                 "settled at target {:.1} s after the faults stopped",

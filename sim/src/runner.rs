@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::SimBackend;
 use crate::checker::Kind;
-use crate::client::{ClientPlan, EndKind};
+use crate::client::{ClientPlan, EndKind, Forge};
 use crate::invariants::check_snapshot;
 use crate::pools::{Naive, Ours, PoolEnv, PoolKind, PoolParams, PoolUnderTest};
 use crate::report::RunReport;
@@ -406,12 +406,19 @@ async fn load<P: PoolUnderTest>(
         } else {
             EndKind::Graceful
         };
+        // Drawn only where clients forge: other scenarios' runs stay as they were.
+        let forge = if l.forge_p > 0.0 && end == EndKind::Graceful && rng.chance(l.forge_p) {
+            Some(Forge::ALL[rng.index(Forge::ALL.len())])
+        } else {
+            None
+        };
         let p = ClientPlan {
             session: next_session,
             chunks,
             interval: rng.millis(l.interval_ms),
             size: l.chunk_bytes,
             end,
+            forge,
         };
         next_session += 1;
         p

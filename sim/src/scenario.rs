@@ -24,6 +24,9 @@ pub struct Load {
     pub vanish_p: f64,
     pub close_p: f64,
     pub vanish_in_finish_p: f64,
+    /// Graceful clients that forge a `session.ended` right before their
+    /// `session.end` (`client::Forge`, one shape each, uniform).
+    pub forge_p: f64,
 }
 
 /// Backends crashing and coming back.
@@ -68,6 +71,7 @@ fn base() -> Scenario {
             mode: Mode::Echo,
             dial_ms: (1, 20),
             result_ms: (5, 60),
+            reflect_json: false,
             faults: Faults::default(),
         },
         load: Load {
@@ -79,6 +83,7 @@ fn base() -> Scenario {
             vanish_p: 0.0,
             close_p: 0.0,
             vanish_in_finish_p: 0.0,
+            forge_p: 0.0,
         },
         storm_ms: None,
         crashes: None,
@@ -223,6 +228,7 @@ pub fn all() -> Vec<Scenario> {
                     stall_p: 0.01,
                     late_final_p: 0.03,
                     late_final_ms: (4000, 8000),
+                    ..Faults::default()
                 },
                 ..base().backend
             },
@@ -239,6 +245,46 @@ pub fn all() -> Vec<Scenario> {
                 down_mean: secs(8),
             }),
             health_interval: secs(3),
+            ..base()
+        },
+        Scenario {
+            name: "forged-fence",
+            about: "40% of clients forge a session.ended of their own right before session.end (plain, with a guessed fence, keys reordered, \\u-escaped, as binary); backends reflect client JSON back as text; small pools reuse every connection",
+            target: 6,
+            max: 8,
+            backend: BackendSpec {
+                reflect_json: true,
+                ..base().backend
+            },
+            load: Load {
+                arrivals_per_s: 2.0,
+                chunks: (0, 10),
+                interval_ms: (100, 400),
+                forge_p: 0.4,
+                ..base().load
+            },
+            ..base()
+        },
+        Scenario {
+            name: "late-frame",
+            about: "backends send one more frame of a session after its session.ended: in the same write (20%), or 1 ms-3 s later onto the idle connection (20%); small pools reuse every connection",
+            target: 6,
+            max: 8,
+            backend: BackendSpec {
+                faults: Faults {
+                    late_after_ended_p: 0.2,
+                    late_idle_p: 0.2,
+                    late_idle_ms: (1, 3000),
+                    ..Faults::default()
+                },
+                ..base().backend
+            },
+            load: Load {
+                arrivals_per_s: 2.0,
+                chunks: (1, 10),
+                interval_ms: (100, 400),
+                ..base().load
+            },
             ..base()
         },
     ]

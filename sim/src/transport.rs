@@ -34,6 +34,13 @@ pub struct LinkState {
     proxy_gone_notify: Notify,
     /// A fault was injected on this connection.
     faulted: AtomicBool,
+    /// The backend is inside a session: from reading its `session.start`
+    /// until it sends the session's real `session.ended`.
+    in_session: AtomicBool,
+    /// The backend wrote bytes of an ended session that no session read: past
+    /// its `session.ended` (in the same write), or onto the idle connection.
+    /// Whoever leases the connection after this could receive them.
+    stale: AtomicBool,
 }
 
 impl LinkState {
@@ -61,6 +68,24 @@ impl LinkState {
 
     pub fn faulted(&self) -> bool {
         self.faulted.load(Ordering::Relaxed)
+    }
+
+    pub fn set_in_session(&self, on: bool) {
+        self.in_session.store(on, Ordering::Relaxed);
+    }
+
+    /// The backend has not ended the session it serves.
+    pub fn in_session(&self) -> bool {
+        self.in_session.load(Ordering::Relaxed)
+    }
+
+    pub fn set_stale(&self, on: bool) {
+        self.stale.store(on, Ordering::Relaxed);
+    }
+
+    /// Bytes of an ended session were written onto the connection.
+    pub fn stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
     }
 
     pub fn proxy_gone(&self) -> bool {
@@ -109,6 +134,8 @@ pub fn link(
         proxy_gone: AtomicBool::new(false),
         proxy_gone_notify: Notify::new(),
         faulted: AtomicBool::new(false),
+        in_session: AtomicBool::new(false),
+        stale: AtomicBool::new(false),
     });
     let stream = SimStream {
         io: Mutex::new(PeekIo {

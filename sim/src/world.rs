@@ -3,7 +3,7 @@
 //! the runtime has one thread, so it is never contended. Never call into a pool
 //! while holding it: a pool may close (drop) a connection, which reports here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -45,6 +45,13 @@ pub struct RunStats {
     pub sessions_failed: u64,
     /// Longest a snapshot (the pool's stats call) took, virtual ms.
     pub worst_snapshot_ms: u64,
+    /// Client data shaped like a `session.*` control message that reached a
+    /// backend (the proxy forwarded it as data).
+    pub reserved_at_backend: u64,
+    /// Clients that sent a forged `session.ended`.
+    pub forged: u64,
+    /// Frames of an ended session that backends sent after its `session.ended`.
+    pub late_frames: u64,
 }
 
 #[derive(Debug)]
@@ -54,6 +61,8 @@ pub struct WorldState {
     pub pools: Vec<PoolTruth>,
     pub sessions: BTreeMap<u64, SessionRecord>,
     pub stats: RunStats,
+    /// Every fence token a backend was sent: none may reach a client.
+    pub tokens: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -74,6 +83,7 @@ impl World {
                 pools,
                 sessions: BTreeMap::new(),
                 stats: RunStats::default(),
+                tokens: BTreeSet::new(),
             }),
             clock,
             faults_on: AtomicBool::new(false),
@@ -110,6 +120,18 @@ impl World {
     /// Report a violating event.
     pub fn violation(&self, kind: Kind, detail: String) {
         self.with(|s, now| s.checker.event(kind, now, detail, &mut s.trace));
+    }
+
+    /// A backend was sent this fence token.
+    pub fn fence_token(&self, token: &str) {
+        self.with(|s, _| {
+            s.tokens.insert(token.to_string());
+        });
+    }
+
+    /// Whether `token` is a fence token a backend was sent.
+    pub fn is_fence_token(&self, token: &str) -> bool {
+        self.with(|s, _| s.tokens.contains(token))
     }
 
     // ---- the truth about connections -------------------------------------

@@ -27,17 +27,21 @@ fn run_one(name: &str, seed: u64, pool: PoolKind, duration: Duration) -> RunRepo
     .expect("runtime")
 }
 
-fn ours_holds(name: &str) {
-    for seed in SEEDS {
-        let r = run_one(name, seed, PoolKind::Ours, DURATION);
-        assert!(
-            r.total_violations() == 0,
-            "ours violated an invariant:\n{}",
-            r.render(true)
-        );
-        assert!(r.settled_after.is_some(), "{}", r.render(true));
-        assert!(r.stats.sessions_started > 0, "{}", r.render(false));
-    }
+fn ours_holds(name: &str) -> Vec<RunReport> {
+    SEEDS
+        .iter()
+        .map(|&seed| {
+            let r = run_one(name, seed, PoolKind::Ours, DURATION);
+            assert!(
+                r.total_violations() == 0,
+                "ours violated an invariant:\n{}",
+                r.render(true)
+            );
+            assert!(r.settled_after.is_some(), "{}", r.render(true));
+            assert!(r.stats.sessions_started > 0, "{}", r.render(false));
+            r
+        })
+        .collect()
 }
 
 #[test]
@@ -85,6 +89,33 @@ fn chaos() {
     ours_holds("chaos");
 }
 
+/// Clients forge `session.ended` (and backends reflect it back); no fence
+/// completes but by the backend's real `session.ended`, and nothing crosses.
+#[test]
+fn forged_fence() {
+    for r in ours_holds("forged-fence") {
+        assert!(r.stats.forged > 0, "nobody forged:\n{}", r.render(false));
+        assert!(
+            r.stats.sessions_clean > r.stats.forged,
+            "{}",
+            r.render(false)
+        );
+    }
+}
+
+/// Backends send frames of ended sessions; no connection carrying one is
+/// leased again.
+#[test]
+fn late_frame() {
+    for r in ours_holds("late-frame") {
+        assert!(
+            r.stats.late_frames > 0,
+            "no late frame sent:\n{}",
+            r.render(false)
+        );
+    }
+}
+
 #[test]
 fn every_scenario_is_tested() {
     let tested = [
@@ -97,6 +128,8 @@ fn every_scenario_is_tested() {
         "client-churn",
         "cold-start",
         "chaos",
+        "forged-fence",
+        "late-frame",
     ];
     let all: Vec<&str> = scenario::all().iter().map(|s| s.name).collect();
     assert_eq!(all, tested, "a scenario was added without its test");

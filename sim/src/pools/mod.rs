@@ -19,6 +19,7 @@ use sttproxy::session::SessionLease;
 use tokio::time::Instant;
 
 use crate::backend::SimBackend;
+use crate::checker::Kind;
 use crate::tasks::Tasks;
 use crate::transport::SimStream;
 use crate::truth::ConnId;
@@ -142,6 +143,12 @@ impl<P: PoolUnderTest> SimLease<P> {
         let stream = P::conn(&raw).stream.get_ref();
         let conn = stream.id();
         world.leased(index, conn, session, stream.link().backend_dead());
+        if stream.link().stale() {
+            world.violation(
+                Kind::LateFrame,
+                format!("p{index} c{conn} leased to s{session} after its backend wrote a frame of an ended session onto it"),
+            );
+        }
         Self {
             raw: Some(raw),
             pool,
@@ -180,6 +187,15 @@ impl<P: PoolUnderTest> DerefMut for SimLease<P> {
 impl<P: PoolUnderTest> SessionLease<SimStream> for SimLease<P> {
     fn release(mut self) {
         if let Some(raw) = self.raw.take() {
+            if P::conn(&raw).stream.get_ref().link().in_session() {
+                self.world.violation(
+                    Kind::ForgedFence,
+                    format!(
+                        "p{} c{} released by s{} before its backend sent the session's session.ended",
+                        self.index, self.conn, self.session
+                    ),
+                );
+            }
             self.world
                 .returned(self.index, self.conn, self.session, "released");
             self.pool.release(raw, self.conn);
