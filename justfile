@@ -16,6 +16,11 @@ loom:
 bench:
     cargo bench -p sttproxy-pool --bench pool
 
+# Instructions per relayed message vs the committed baseline (needs valgrind and
+# gungraun-runner of the gungraun version in Cargo.lock; see .ci/run).
+instructions:
+    scripts/check-instructions
+
 # Fault simulation: every scenario, many seeds, ours vs the naive pool.
 sim-sweep seeds="30":
     cargo run --release -p sim -- sweep --scenario all --seeds {{seeds}} --duration 10m
