@@ -199,12 +199,13 @@ impl State {
             return;
         }
         self.client = ClientPhase::Ended;
-        self.outcome("ended");
         if self.fenced {
+            // "ended" only once the backend's session.ended is through.
             self.start_fence();
         } else {
             // Not fenced: the end went to the backend as data and the
             // connection is used once.
+            self.outcome("ended");
             self.close_client(Some(1000), "session ended", false, false);
         }
     }
@@ -224,6 +225,7 @@ impl State {
         self.backend = BackendPhase::FenceDone;
         self.fence_deadline = None;
         if self.client == ClientPhase::Ended {
+            self.outcome("ended");
             self.close_client(Some(1000), "session ended", false, false);
         }
     }
