@@ -401,3 +401,23 @@ fn respond(
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, B, C, Fut, F: Fn(A, B, C) -> Fut>(_: F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every open session holds its connection task's future for its whole
+    /// life: a buffer or a large state kept across an await in it costs its
+    /// size times the number of sessions. (A 4 KiB stack buffer in a close
+    /// path once doubled it.) Debug builds lay futures out larger than
+    /// release builds, so the bound holds in both.
+    #[test]
+    fn a_sessions_task_stays_small() {
+        let size = future_size(handle_connection);
+        assert!(size <= 2560, "a client connection's future is {size} bytes");
+    }
+}

@@ -218,11 +218,11 @@ where
     if !parser.mid_frame()
         && let Some(r) = reply.take()
     {
-        let mut frame = Vec::with_capacity(r.len + frame::MAX_HEADER);
+        let mut frame = Vec::with_capacity(r.payload.len() + frame::MAX_HEADER);
         frame::push_frame(
             &mut frame,
             frame::OP_PONG,
-            &r.payload[..r.len],
+            &r.payload,
             dst_peer.mask_for_send(),
         );
         out.push(&frame);

@@ -21,9 +21,7 @@
 
 use std::ops::Range;
 
-use super::frame::{
-    self, FrameError, Header, MAX_CONTROL_PAYLOAD, MAX_HEADER, OP_CONTINUATION, apply_mask,
-};
+use super::frame::{self, FrameError, Header, MAX_HEADER, OP_CONTINUATION, apply_mask};
 use super::output::Output;
 use super::stream::Peer;
 
@@ -166,8 +164,8 @@ pub(crate) struct Parser {
     message: Option<(u8, Treat)>,
     message_len: u64,
     held: Vec<u8>,
-    ctl: [u8; MAX_CONTROL_PAYLOAD],
-    ctl_len: usize,
+    /// A control frame's payload split across reads (rare: allocated then).
+    ctl: Vec<u8>,
     /// The stream broke the protocol: its framing can no longer be trusted,
     /// so everything after the fault is dropped unread.
     failed: Option<Fault>,
@@ -185,8 +183,7 @@ impl Parser {
             message: None,
             message_len: 0,
             held: Vec::new(),
-            ctl: [0; MAX_CONTROL_PAYLOAD],
-            ctl_len: 0,
+            ctl: Vec::new(),
             failed: None,
         }
     }
@@ -320,9 +317,7 @@ impl Parser {
                     if whole_here {
                         held = Some(Held::InBuf(r0..r0 + avail));
                     } else if cur.header.is_control() {
-                        self.ctl[self.ctl_len..self.ctl_len + avail]
-                            .copy_from_slice(&buf[r0..r0 + avail]);
-                        self.ctl_len += avail;
+                        self.ctl.extend_from_slice(&buf[r0..r0 + avail]);
                     } else {
                         self.held.extend_from_slice(&buf[r0..r0 + avail]);
                     }
@@ -400,7 +395,7 @@ impl Parser {
             return Err(Fault::Masking);
         }
         let treat = if header.is_control() {
-            self.ctl_len = 0;
+            self.ctl.clear();
             Treat::Hold
         } else {
             let treat = match (header.opcode, self.message) {
@@ -467,9 +462,9 @@ impl Parser {
         if h.is_control() {
             let flow = match &held {
                 Held::InBuf(range) => judge.control(h.opcode, &buf[range.clone()]),
-                Held::Copied => judge.control(h.opcode, &self.ctl[..self.ctl_len]),
+                Held::Copied => judge.control(h.opcode, &self.ctl),
             };
-            self.ctl_len = 0;
+            self.ctl = Vec::new();
             return flow;
         }
         if !h.fin {

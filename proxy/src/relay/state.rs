@@ -49,19 +49,19 @@ impl Dropped {
     }
 }
 
-/// A ping's answer owed to a peer, sent at its stream's next frame boundary.
-#[derive(Debug, Clone, Copy)]
+/// A ping's answer owed to a peer, sent at its stream's next frame boundary
+/// (kept only while that stream is inside a frame: rare, so on the heap).
+#[derive(Debug, Clone)]
 pub(crate) struct ControlReply {
-    pub payload: [u8; MAX_CONTROL_PAYLOAD],
-    pub len: usize,
+    pub payload: Box<[u8]>,
 }
 
 impl ControlReply {
     pub fn pong(payload: &[u8]) -> Self {
-        let mut p = [0u8; MAX_CONTROL_PAYLOAD];
         let len = payload.len().min(MAX_CONTROL_PAYLOAD);
-        p[..len].copy_from_slice(&payload[..len]);
-        Self { payload: p, len }
+        Self {
+            payload: payload[..len].into(),
+        }
     }
 }
 

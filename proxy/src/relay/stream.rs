@@ -139,12 +139,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameStream<S> {
                     });
                 }
             }
-            let mut chunk = [0u8; 4096];
-            let n = self.io.read(&mut chunk).await?;
+            // Into the heap buffer, not a stack array: a local buffer held
+            // across this await would size every session's future.
+            self.unread.reserve(4096);
+            let n = self.io.read_buf(&mut self.unread).await?;
             if n == 0 {
                 return Err(RecvError::Closed);
             }
-            self.unread.extend_from_slice(&chunk[..n]);
         }
     }
 
