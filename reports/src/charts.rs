@@ -129,14 +129,43 @@ impl Chart for LineChart {
     }
 }
 
+/// One bar: its height and, when the figure varied over rounds, a whisker
+/// from `low` to `high` (so a chart shows how far the rounds disagreed).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bar {
+    pub value: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+impl Bar {
+    /// A bar without a whisker (a single figure, e.g. a quoted one).
+    pub fn point(value: f64) -> Self {
+        Self {
+            value,
+            low: value,
+            high: value,
+        }
+    }
+
+    /// A bar at the median of `s`, its whisker over the range.
+    pub fn spread(s: &crate::stats::Spread) -> Self {
+        Self {
+            value: s.median,
+            low: s.min,
+            high: s.max,
+        }
+    }
+}
+
 /// Grouped bars: for each category (x), one bar per system.
 #[derive(Debug)]
 pub struct BarChart {
     pub title: String,
     pub y_label: String,
     pub categories: Vec<String>,
-    /// (system, one value per category); a missing value is `None`.
-    pub groups: Vec<(String, Vec<Option<f64>>)>,
+    /// (system, one bar per category); a missing value is `None`.
+    pub groups: Vec<(String, Vec<Option<Bar>>)>,
     /// Logarithmic y axis (for values spanning orders of magnitude).
     pub log_y: bool,
 }
@@ -147,7 +176,7 @@ impl Chart for BarChart {
         let values = self
             .groups
             .iter()
-            .flat_map(|g| g.1.iter().flatten().copied());
+            .flat_map(|g| g.1.iter().flatten().flat_map(|b| [b.value, b.low, b.high]));
         let y_max = values.clone().fold(0.0f64, f64::max).max(1e-6) * 1.3;
         let y_min = values.filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
         let n_cat = self.categories.len().max(1);
@@ -176,11 +205,11 @@ impl Chart for BarChart {
                     .map_err(err)?;
                 for (g, (system, vals)) in self.groups.iter().enumerate() {
                     let color = color_of(system);
-                    let bars = vals.iter().enumerate().filter_map(|(c, v)| {
-                        let v = (*v)?;
-                        let x0 = c as f64 - 0.4 + g as f64 * width;
+                    let x0 = |c: usize| c as f64 - 0.4 + g as f64 * width;
+                    let bars = vals.iter().enumerate().filter_map(|(c, b)| {
+                        let b = (*b)?;
                         Some(Rectangle::new(
-                            [(x0, $floor), (x0 + width * 0.92, v.max($floor))],
+                            [(x0(c), $floor), (x0(c) + width * 0.92, b.value.max($floor))],
                             color.filled(),
                         ))
                     });
@@ -191,6 +220,23 @@ impl Chart for BarChart {
                         .legend(move |(x, y)| {
                             Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled())
                         });
+                    let whiskers = vals.iter().enumerate().filter_map(|(c, b)| {
+                        let b = (*b).filter(|b| b.high > b.low)?;
+                        let (mid, cap) = (x0(c) + width * 0.46, width * 0.2);
+                        let (lo, hi) = (b.low.max($floor), b.high.max($floor));
+                        Some(PathElement::new(
+                            vec![
+                                (mid - cap, lo),
+                                (mid + cap, lo),
+                                (mid, lo),
+                                (mid, hi),
+                                (mid - cap, hi),
+                                (mid + cap, hi),
+                            ],
+                            BLACK.stroke_width(2),
+                        ))
+                    });
+                    chart.draw_series(whiskers).map_err(err)?;
                 }
                 chart
                     .configure_series_labels()

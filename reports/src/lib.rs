@@ -7,3 +7,4 @@ pub mod procs;
 pub mod report;
 pub mod repro;
 pub mod results;
+pub mod stats;

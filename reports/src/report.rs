@@ -1,13 +1,15 @@
 //! The report: charts, `report.md`, `report.html` (SVGs inline) and
-//! `summary.json`, from the results of the systems measured under one load.
+//! `summary.json`, from the rounds of the systems measured under one load:
+//! medians and ranges over the rounds, and same-round ratios.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::charts::{self, BarChart, LineChart, Series};
-use crate::results::{Summary, SystemRun};
+use crate::charts::{self, Bar, BarChart, LineChart, Series};
+use crate::results::{Figure, Summary, SystemRounds, SystemRun, SystemSummary, WatchSample};
+use crate::stats::{self, Spread};
 
 /// Figures the reference write-up published (a Go rewrite of a Python proxy).
 /// Quoted for comparison; measured on other hardware (12 cores).
@@ -81,10 +83,14 @@ impl MachineInfo {
 }
 
 /// What the report says about the run besides the measured figures.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunNotes {
     pub scenario: String,
     pub command: String,
+    /// Rounds asked for (a system that failed a round has fewer).
+    pub rounds: usize,
+    /// Per round, the systems in the order they were measured.
+    pub orders: Vec<Vec<String>>,
     /// Systems that were not measured, with why (e.g. nginx not installed).
     pub skipped: Vec<String>,
     pub notes: Vec<String>,
@@ -94,78 +100,203 @@ pub struct RunNotes {
 struct SummaryFile<'a> {
     machine: &'a MachineInfo,
     notes: &'a RunNotes,
-    systems: Vec<Summary>,
+    systems: &'a [SystemSummary],
+    ratios: &'a [Ratio],
 }
 
-fn fmt_opt(v: Option<f64>, digits: usize) -> String {
-    v.map_or_else(|| "–".to_string(), |v| format!("{v:.digits$}"))
+/// A figure of one system compared with another's, round by round.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    pub ours: String,
+    pub theirs: String,
+    pub figure: &'static str,
+    /// `(round, ours / theirs)` for every round both were measured in.
+    pub per_round: Vec<(usize, f64)>,
+    pub spread: Spread,
 }
 
-/// The summary table (Markdown).
-pub fn summary_table(summaries: &[Summary]) -> String {
+/// The figures compared as same-round ratios. The two memory figures are
+/// compared only where both systems have the same kind (nginx has no warm
+/// pool, the Python baseline no figure without one), so no ratio mixes them.
+const RATIO_FIGURES: [(&str, Figure); 4] = [
+    ("CPU µs per delivered message (own)", |s| {
+        Some(s.cpu_us_per_msg)
+    }),
+    ("p99 latency", |s| Some(s.p99_ms)),
+    ("KiB/session incl. backend connections", |s| {
+        s.kib_per_session_incl_backends
+    }),
+    ("KiB/session above warm pool", |s| {
+        s.kib_per_session_above_warm_pool
+    }),
+];
+
+/// Same-round ratios of the first system (sttproxy) to each other one: each
+/// round's ratio, then their median and range. Within a round both ran on the
+/// same state of the machine, so its drift between rounds stays out.
+pub fn ratios(summaries: &[SystemSummary]) -> Vec<Ratio> {
+    let Some((ours, others)) = summaries.split_first() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for theirs in others {
+        for (figure, f) in RATIO_FIGURES {
+            let per_round = stats::same_round_ratios(&ours.by_round(f), &theirs.by_round(f));
+            if let Some(spread) = Spread::of(per_round.iter().map(|r| r.1)) {
+                out.push(Ratio {
+                    ours: ours.system.clone(),
+                    theirs: theirs.system.clone(),
+                    figure,
+                    per_round,
+                    spread,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A spread as `median (min–max)`, or `–` where there is no figure.
+fn fmt_spread(s: Option<Spread>, digits: usize) -> String {
+    s.map_or_else(|| "–".to_string(), |s| s.display(digits))
+}
+
+/// A spread's median only, or `–`.
+fn fmt_median(s: Option<Spread>, digits: usize) -> String {
+    s.map_or_else(|| "–".to_string(), |s| format!("{:.digits$}", s.median))
+}
+
+/// The summary table (Markdown): medians over the rounds, with the range for
+/// the figures the comparison rests on.
+pub fn summary_table(summaries: &[SystemSummary]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| system | sessions | offered msg/s | achieved msg/s | lost | p50 ms | p99 ms | p99.9 ms | CPU cores | CPU µs/msg (own) | CPU µs/msg (machine) | RSS avg MB | RSS peak MB | KiB/session |"
+        "| system | rounds | sessions | offered msg/s | achieved msg/s | lost | p50 ms | p99 ms | p99.9 ms | CPU cores | CPU µs/msg (own) | CPU µs/msg (machine) | RSS avg MB | RSS peak MB | KiB/session incl. backend conns | KiB/session above warm pool |"
     );
     let _ = writeln!(
         t,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for s in summaries {
+        let saturated = match s.saturated_rounds {
+            0 => String::new(),
+            n => format!(" (saturated in {n} of {})", s.rounds),
+        };
         let _ = writeln!(
             t,
-            "| {}{} | {}/{} | {:.0} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.2} | {} | {:.1} | {:.1} | {} |",
+            "| {}{saturated} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.system,
+            s.rounds,
+            fmt_median(s.sessions_connected, 0),
+            s.sessions_target,
+            fmt_median(s.offered_per_s, 0),
+            fmt_spread(s.achieved_per_s, 0),
+            fmt_median(s.lost, 0),
+            fmt_median(s.p50_ms, 2),
+            fmt_spread(s.p99_ms, 2),
+            fmt_median(s.p999_ms, 2),
+            fmt_median(s.cpu_cores, 3),
+            fmt_spread(s.cpu_us_per_msg, 2),
+            fmt_median(s.machine_cpu_us_per_msg, 2),
+            fmt_median(s.rss_avg_mb, 1),
+            fmt_median(s.rss_peak_mb, 1),
+            fmt_spread(s.kib_per_session_incl_backends, 1),
+            fmt_spread(s.kib_per_session_above_warm_pool, 1),
+        );
+    }
+    t
+}
+
+/// A ratio with two decimals, or three below 0.1 (so a small ratio does not
+/// print as 0.00).
+fn fmt_ratio(v: f64) -> String {
+    if v.abs() < 0.1 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// The ratios as a Markdown list, each with its rounds.
+fn ratio_lines(ratios: &[Ratio], rounds: usize) -> String {
+    let mut t = String::new();
+    for r in ratios {
+        let per_round: Vec<String> = r
+            .per_round
+            .iter()
+            .map(|(round, v)| format!("r{round} {}×", fmt_ratio(*v)))
+            .collect();
+        let of = if r.spread.n == rounds {
+            String::new()
+        } else {
+            format!("; {} of {rounds} rounds", r.spread.n)
+        };
+        let _ = writeln!(
+            t,
+            "- {}/{}, {}: **{}×** ({}–{}×{of}; {})",
+            r.ours,
+            r.theirs,
+            r.figure,
+            fmt_ratio(r.spread.median),
+            fmt_ratio(r.spread.min),
+            fmt_ratio(r.spread.max),
+            per_round.join(", ")
+        );
+    }
+    t
+}
+
+/// Every round's headline figures, so a reader can see what the medians and
+/// ranges were made of.
+fn rounds_table(summaries: &[SystemSummary]) -> String {
+    let mut rows: Vec<&Summary> = summaries.iter().flat_map(|s| &s.per_round).collect();
+    rows.sort_by_key(|s| (s.round, s.position));
+    let mut t = String::from(
+        "| round | position | system | achieved msg/s | p99 ms | CPU µs/msg (own) | KiB/session incl. backend conns | KiB/session above warm pool |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    let opt = |v: Option<f64>| v.map_or_else(|| "–".to_string(), |v| format!("{v:.1}"));
+    for s in rows {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {}{} | {:.0} | {:.2} | {:.2} | {} | {} |",
+            s.round,
+            s.position + 1,
             s.system,
             if s.saturated { " (saturated)" } else { "" },
-            s.sessions_connected,
-            s.sessions_target,
-            s.offered_per_s,
             s.achieved_per_s,
-            s.lost,
-            s.p50_ms,
             s.p99_ms,
-            s.p999_ms,
-            s.cpu_cores,
             s.cpu_us_per_msg,
-            fmt_opt(s.machine_cpu_us_per_msg, 2),
-            s.rss_avg_mb,
-            s.rss_peak_mb,
-            fmt_opt(s.kib_per_session, 1),
+            opt(s.kib_per_session_incl_backends),
+            opt(s.kib_per_session_above_warm_pool),
         );
     }
     t
 }
 
-/// Ratios of every other system to the first (sttproxy), measured in one run.
-fn ratios(summaries: &[Summary]) -> String {
-    let Some(ours) = summaries.first() else {
-        return String::new();
-    };
+/// The memory bases each system's per-session figures are computed from.
+fn memory_lines(summaries: &[SystemSummary]) -> String {
     let mut t = String::new();
-    for s in &summaries[1..] {
-        let _ = writeln!(
-            t,
-            "- {} vs {}: CPU per message {:.2}× ({:.2} vs {:.2} µs), average RSS {:.2}× ({:.1} vs {:.1} MB), p99 latency {:.2}× ({:.2} vs {:.2} ms)",
-            ours.system,
-            s.system,
-            ours.cpu_us_per_msg / s.cpu_us_per_msg.max(1e-9),
-            ours.cpu_us_per_msg,
-            s.cpu_us_per_msg,
-            ours.rss_avg_mb / s.rss_avg_mb.max(1e-9),
-            ours.rss_avg_mb,
-            s.rss_avg_mb,
-            ours.p99_ms / s.p99_ms.max(1e-9),
-            ours.p99_ms,
-            s.p99_ms,
-        );
+    for s in summaries {
+        let mut parts = Vec::new();
+        if let Some(b) = s.memory.no_backends_mb {
+            parts.push(format!("{b:.1} MB holding no backend connection"));
+        }
+        if let Some(w) = s.memory.warm_pool_mb {
+            parts.push(format!("{w:.1} MB idle with its warm pool open"));
+        }
+        if !parts.is_empty() {
+            let _ = writeln!(t, "- {}: {}", s.system, parts.join("; "));
+        }
     }
     t
 }
 
-fn saturation_notes(runs: &[SystemRun], summaries: &[Summary]) -> String {
+fn saturation_notes(systems: &[SystemRounds]) -> String {
     let mut t = String::new();
-    for (run, s) in runs.iter().zip(summaries) {
+    for run in systems.iter().flat_map(|s| &s.runs) {
+        let s = run.summary();
         if !s.saturated {
             continue;
         }
@@ -178,8 +309,9 @@ fn saturation_notes(runs: &[SystemRun], summaries: &[Summary]) -> String {
             .unwrap_or(0);
         let _ = writeln!(
             t,
-            "- **{}** could not hold the offered load: {:.0} of {:.0} msg/s achieved on average (best second: {} msg/s), {} of {} sessions connected, {} messages lost, errors: {:?}.",
+            "- **{}** (round {}) could not hold the offered load: {:.0} of {:.0} msg/s achieved on average (best second: {} msg/s), {} of {} sessions connected, {} messages lost, errors: {:?}.",
             s.system,
+            s.round,
             s.achieved_per_s,
             s.offered_per_s,
             peak,
@@ -192,97 +324,143 @@ fn saturation_notes(runs: &[SystemRun], summaries: &[Summary]) -> String {
     t
 }
 
-/// Write every chart and the report files into `dir`. Returns the Markdown.
-pub fn write(
-    dir: &Path,
-    runs: &[SystemRun],
-    machine: &MachineInfo,
-    notes: &RunNotes,
-) -> anyhow::Result<String> {
-    charts::register_font()?;
-    let summaries: Vec<Summary> = runs.iter().map(SystemRun::summary).collect();
-    let watched = |r: &SystemRun, f: fn(&crate::results::WatchSample) -> f64| Series {
-        name: r.name.clone(),
-        points: r
-            .result
-            .watched
-            .first()
-            .map(|w| w.samples.iter().map(|s| (s.t, f(s))).collect())
-            .unwrap_or_default(),
-    };
-    let mut svgs: Vec<(String, String)> = Vec::new();
-    let cpu = LineChart {
-        title: "Server CPU (cores) over time".into(),
+/// A time series of the median round's run of each system.
+fn over_time(
+    systems: &[SystemRounds],
+    title: &str,
+    y_label: &str,
+    points: fn(&SystemRun) -> Vec<(f64, f64)>,
+) -> LineChart {
+    LineChart {
+        title: format!("{title} (each system's median round by CPU µs/msg)"),
         x_label: "seconds".into(),
-        y_label: "cores".into(),
-        series: runs.iter().map(|r| watched(r, |s| s.cpu_cores)).collect(),
-    };
-    svgs.push(("cpu".into(), charts::render(&cpu, dir, "cpu")?));
-    let rss = LineChart {
-        title: "Server RSS (MB) over time".into(),
-        x_label: "seconds".into(),
-        y_label: "MB".into(),
-        series: runs.iter().map(|r| watched(r, |s| s.rss_mb)).collect(),
-    };
-    svgs.push(("rss".into(), charts::render(&rss, dir, "rss")?));
-    let throughput = LineChart {
-        title: "Delivered messages per second".into(),
-        x_label: "seconds".into(),
-        y_label: "msg/s".into(),
-        series: runs
+        y_label: y_label.into(),
+        series: systems
             .iter()
-            .map(|r| Series {
-                name: r.name.clone(),
-                points: r
-                    .result
-                    .timeline
-                    .iter()
-                    .map(|e| (e.t, e.received as f64))
-                    .collect(),
+            .filter_map(|s| {
+                Some(Series {
+                    name: s.name.clone(),
+                    points: points(s.median_run()?),
+                })
             })
             .collect(),
+    }
+}
+
+/// The server's samples of one watched figure.
+fn watched(run: &SystemRun, f: fn(&WatchSample) -> f64) -> Vec<(f64, f64)> {
+    run.result
+        .watched
+        .first()
+        .map(|w| w.samples.iter().map(|s| (s.t, f(s))).collect())
+        .unwrap_or_default()
+}
+
+/// A bar per system and category at the median over rounds, whiskers min–max.
+fn spread_bars(
+    summaries: &[SystemSummary],
+    figures: &[fn(&SystemSummary) -> Option<Spread>],
+) -> Vec<(String, Vec<Option<Bar>>)> {
+    summaries
+        .iter()
+        .map(|s| {
+            let bars = figures
+                .iter()
+                .map(|f| f(s).as_ref().map(Bar::spread))
+                .collect();
+            (s.system.clone(), bars)
+        })
+        .collect()
+}
+
+/// Draw every chart into `dir`; returns (name, SVG text) in report order.
+fn charts(
+    dir: &Path,
+    systems: &[SystemRounds],
+    summaries: &[SystemSummary],
+    rounds: usize,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut svgs: Vec<(String, String)> = Vec::new();
+    let cpu_per_msg = BarChart {
+        title: format!("CPU µs per delivered message: median of {rounds} rounds, whiskers min–max"),
+        y_label: "µs".into(),
+        categories: vec!["own process tree".into(), "whole machine".into()],
+        groups: spread_bars(
+            summaries,
+            &[|s| s.cpu_us_per_msg, |s| s.machine_cpu_us_per_msg],
+        ),
+        log_y: false,
     };
-    svgs.push((
-        "throughput".into(),
-        charts::render(&throughput, dir, "throughput")?,
-    ));
+    let cpu = over_time(systems, "Server CPU (cores) over time", "cores", |r| {
+        watched(r, |s| s.cpu_cores)
+    });
+    let rss = over_time(systems, "Server RSS (MB) over time", "MB", |r| {
+        watched(r, |s| s.rss_mb)
+    });
+    let throughput = over_time(systems, "Delivered messages per second", "msg/s", |r| {
+        r.result
+            .timeline
+            .iter()
+            .map(|e| (e.t, e.received as f64))
+            .collect()
+    });
+    let percentiles: [fn(&crate::results::Latency) -> f64; 5] =
+        [|l| l.p50, |l| l.p90, |l| l.p99, |l| l.p999, |l| l.max];
     let latency = BarChart {
-        title: "Latency percentiles (ms, log scale; from intended send time)".into(),
+        title: format!(
+            "Latency (ms, log; from intended send): median of {rounds} rounds, whiskers min–max"
+        ),
         y_label: "ms".into(),
         categories: ["p50", "p90", "p99", "p99.9", "max"]
             .map(String::from)
             .to_vec(),
-        groups: runs
+        groups: systems
             .iter()
-            .map(|r| {
-                let l = r.result.latency_ms;
-                (
-                    r.name.clone(),
-                    [l.p50, l.p90, l.p99, l.p999, l.max].map(Some).to_vec(),
-                )
+            .map(|s| {
+                let bars = percentiles
+                    .iter()
+                    .map(|p| {
+                        Spread::of(s.runs.iter().map(|r| p(&r.result.latency_ms)))
+                            .as_ref()
+                            .map(Bar::spread)
+                    })
+                    .collect();
+                (s.name.clone(), bars)
             })
             .collect(),
         log_y: true,
     };
-    svgs.push(("latency".into(), charts::render(&latency, dir, "latency")?));
-    let mut ref_groups: Vec<(String, Vec<Option<f64>>)> = REFERENCES
+    let memory = BarChart {
+        title: format!("KiB per session: median of {rounds} rounds, whiskers min–max"),
+        y_label: "KiB".into(),
+        categories: vec!["incl. backend connections".into(), "above warm pool".into()],
+        groups: spread_bars(
+            summaries,
+            &[
+                |s| s.kib_per_session_incl_backends,
+                |s| s.kib_per_session_above_warm_pool,
+            ],
+        ),
+        log_y: false,
+    };
+    let mut ref_groups: Vec<(String, Vec<Option<Bar>>)> = REFERENCES
         .iter()
         .map(|r| {
             (
                 r.name.to_string(),
                 vec![
-                    Some((r.cpu_cores_low + r.cpu_cores_high) / 2.0),
-                    r.rss_avg_mb,
-                    r.rss_peak_mb,
+                    Some(Bar::point((r.cpu_cores_low + r.cpu_cores_high) / 2.0)),
+                    r.rss_avg_mb.map(Bar::point),
+                    r.rss_peak_mb.map(Bar::point),
                 ],
             )
         })
         .collect();
-    for s in &summaries {
-        ref_groups.push((
-            format!("{} (this run)", s.system),
-            vec![Some(s.cpu_cores), Some(s.rss_avg_mb), Some(s.rss_peak_mb)],
-        ));
+    for (name, bars) in spread_bars(
+        summaries,
+        &[|s| s.cpu_cores, |s| s.rss_avg_mb, |s| s.rss_peak_mb],
+    ) {
+        ref_groups.push((format!("{name} (this run, median)"), bars));
     }
     let reference = BarChart {
         title: "Against the reference write-up's figures (log scale)".into(),
@@ -296,34 +474,88 @@ pub fn write(
         log_y: true,
     };
     svgs.push((
+        "cpu_per_msg".into(),
+        charts::render(&cpu_per_msg, dir, "cpu_per_msg")?,
+    ));
+    svgs.push(("cpu".into(), charts::render(&cpu, dir, "cpu")?));
+    svgs.push(("rss".into(), charts::render(&rss, dir, "rss")?));
+    svgs.push((
+        "throughput".into(),
+        charts::render(&throughput, dir, "throughput")?,
+    ));
+    svgs.push(("latency".into(), charts::render(&latency, dir, "latency")?));
+    svgs.push(("memory".into(), charts::render(&memory, dir, "memory")?));
+    svgs.push((
         "reference".into(),
         charts::render(&reference, dir, "reference")?,
     ));
+    Ok(svgs)
+}
 
-    let table = summary_table(&summaries);
+/// What the columns mean; the memory columns exactly, since two different
+/// bases make two different figures.
+const COLUMN_NOTE: &str = "Each cell is the median over the rounds; where a range follows in parentheses it is the \
+     min–max over the rounds. CPU µs/msg (own): the server's CPU time (its whole process tree) per delivered \
+     round-trip message. CPU µs/msg (machine): the whole machine's busy CPU per delivered message — backends, \
+     load generator, the other (idle) systems and the kernel's loopback TCP work (softirq time no process is \
+     charged for) included. KiB/session incl. backend conns: (average RSS under load − RSS holding no backend \
+     connection) / connected sessions, so it includes the sessions' share of the backend connections: for \
+     sttproxy the base is its RSS when started on an empty backend table, before its 3 backends were added \
+     (its whole warm pool is counted in); for nginx the base is its idle RSS (it opens one backend connection \
+     per session, so its figure includes them); the Python baseline opens its pools at start, so it has no such \
+     figure. KiB/session above warm pool: (average RSS under load − idle RSS with the warm pool open) / \
+     connected sessions, for sttproxy and the Python baseline; nginx has no pool. Both bases are measured once, \
+     after start and before round 1 (process tree, once the RSS settled).";
+
+/// Write every chart and the report files into `dir`. Returns the Markdown.
+pub fn write(
+    dir: &Path,
+    systems: &[SystemRounds],
+    machine: &MachineInfo,
+    notes: &RunNotes,
+) -> anyhow::Result<String> {
+    charts::register_font()?;
+    let summaries: Vec<SystemSummary> = systems.iter().filter_map(SystemSummary::of).collect();
+    let ratios = ratios(&summaries);
+    let svgs = charts(dir, systems, &summaries, notes.rounds)?;
+
     let mut md = String::new();
     let _ = writeln!(md, "# sttproxy reproduction report\n");
     let _ = writeln!(md, "Scenario: {}  ", notes.scenario);
-    let _ = writeln!(md, "Command: `{}`\n", notes.command);
+    let _ = writeln!(md, "Command: `{}`  ", notes.command);
+    let orders: Vec<String> = notes
+        .orders
+        .iter()
+        .enumerate()
+        .map(|(r, o)| format!("r{} {}", r + 1, o.join(" → ")))
+        .collect();
+    let _ = writeln!(
+        md,
+        "Rounds: {}; in each, every system was measured once under the same load, in an order rotated from round \
+         to round ({}).\n",
+        notes.rounds,
+        orders.join("; ")
+    );
     let _ = writeln!(
         md,
         "Machine: {} cores, {}, {:.1} GiB memory, kernel {} ({}).\n",
         machine.cores, machine.cpu_model, machine.memory_gib, machine.kernel, machine.os
     );
-    let _ = writeln!(md, "## Summary\n\n{table}");
-    let _ = writeln!(
-        md,
-        "CPU µs/msg (own): the server's CPU time (its whole process tree) per delivered round-trip message. \
-         CPU µs/msg (machine): the whole machine's busy CPU per delivered message — backends, load generator \
-         and the kernel's loopback TCP work (softirq time no process is charged for) included. \
-         KiB/session: (average RSS under load − RSS before the load) / connected sessions. \
-         The systems ran one after another under the same load on the same machine; compare them as ratios.\n"
-    );
-    let r = ratios(&summaries);
-    if !r.is_empty() {
-        let _ = writeln!(md, "## Ratios (same run)\n\n{r}");
+    let _ = writeln!(md, "## Summary\n\n{}", summary_table(&summaries));
+    let _ = writeln!(md, "{COLUMN_NOTE}\n");
+    let mem = memory_lines(&summaries);
+    if !mem.is_empty() {
+        let _ = writeln!(md, "Memory bases (RSS before round 1):\n\n{mem}");
     }
-    let sat = saturation_notes(runs, &summaries);
+    if !ratios.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Ratios (same round, median of {})\n\nEach round's ratio of the two systems measured in it, then the median and (min–max) of those ratios.\n\n{}",
+            notes.rounds,
+            ratio_lines(&ratios, notes.rounds)
+        );
+    }
+    let sat = saturation_notes(systems);
     if !sat.is_empty() {
         let _ = writeln!(md, "## What could not be held\n\n{sat}");
     }
@@ -332,6 +564,7 @@ pub fn write(
         let _ = writeln!(md, "- **{}**: {}", r.name, r.what);
     }
     let _ = writeln!(md);
+    let _ = writeln!(md, "## Rounds\n\n{}", rounds_table(&summaries));
     if !notes.skipped.is_empty() || !notes.notes.is_empty() {
         let _ = writeln!(md, "## Notes\n");
         for s in &notes.skipped {
@@ -342,12 +575,12 @@ pub fn write(
         }
         let _ = writeln!(md);
     }
-    for run in runs {
+    for run in systems.iter().flat_map(|s| &s.runs) {
         if !run.result.warnings.is_empty() {
             let _ = writeln!(
                 md,
-                "Load generator warnings for {}: {:?}\n",
-                run.name, run.result.warnings
+                "Load generator warnings for {} (round {}): {:?}\n",
+                run.name, run.round, run.result.warnings
             );
         }
     }
@@ -376,7 +609,8 @@ pub fn write(
         serde_json::to_string_pretty(&SummaryFile {
             machine,
             notes,
-            systems: summaries,
+            systems: &summaries,
+            ratios: &ratios,
         })?,
     )?;
     Ok(md)
@@ -449,4 +683,74 @@ fn markdown_to_html(md: &str) -> String {
         out.push_str("</ul>");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::MemoryBase;
+    use crate::results::testing::{result, run};
+
+    /// `name` measured in `rounds` rounds, with `cpu_seconds[r]` of CPU in
+    /// round r + 1 (300,000 messages delivered each).
+    fn system(name: &str, memory: MemoryBase, cpu_seconds: &[f64]) -> SystemSummary {
+        let rounds = SystemRounds {
+            name: name.into(),
+            runs: cpu_seconds
+                .iter()
+                .enumerate()
+                .map(|(r, &cpu)| run(name, r + 1, result(300, 300_000, cpu, 40.0), memory))
+                .collect(),
+        };
+        match SystemSummary::of(&rounds) {
+            Some(s) => s,
+            None => panic!("{name} has rounds"),
+        }
+    }
+
+    #[test]
+    fn ratios_are_taken_within_each_round_and_only_between_like_memory_figures() {
+        let ours = system(
+            "sttproxy",
+            MemoryBase {
+                no_backends_mb: Some(10.0),
+                warm_pool_mb: Some(20.0),
+            },
+            &[2.0, 4.0, 3.0],
+        );
+        let nginx = system(
+            "nginx",
+            MemoryBase {
+                no_backends_mb: Some(30.0),
+                warm_pool_mb: None,
+            },
+            &[4.0, 4.0, 2.0],
+        );
+        let all = ratios(&[ours, nginx]);
+        let figures: Vec<&str> = all.iter().map(|r| r.figure).collect();
+        assert_eq!(
+            figures,
+            [
+                "CPU µs per delivered message (own)",
+                "p99 latency",
+                "KiB/session incl. backend connections"
+            ]
+        );
+        let cpu = &all[0];
+        let per_round: Vec<(usize, String)> = cpu
+            .per_round
+            .iter()
+            .map(|(r, v)| (*r, format!("{v:.2}")))
+            .collect();
+        assert_eq!(
+            per_round,
+            [(1, "0.50".into()), (2, "1.00".into()), (3, "1.50".into())]
+        );
+        assert_eq!(format!("{:.2}", cpu.spread.median), "1.00");
+        // (40 − 10) vs (40 − 30) MB above each one's base, over the same sessions.
+        assert_eq!(format!("{:.2}", all[2].spread.median), "3.00");
+        assert!(
+            ratio_lines(&all, 3).contains("**1.00×** (0.50–1.50×; r1 0.50×, r2 1.00×, r3 1.50×)")
+        );
+    }
 }

@@ -1,17 +1,24 @@
-//! `cargo repro`: build, start 3 echo backends, then measure each system under
-//! the same load, one after another — sttproxy, the Python baseline, and nginx
-//! when installed — and write the report.
+//! `cargo repro`: build, start 3 echo backends and every system — sttproxy,
+//! the Python baseline, and nginx when installed — then measure them under the
+//! same load for a number of rounds, the order rotated each round, and write
+//! the report (medians, ranges and same-round ratios).
+
+mod index;
+mod systems;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::procs::{Proc, free_port, http_get, wait_for_port};
+use crate::procs::Proc;
 use crate::report::{self, MachineInfo, RunNotes};
-use crate::results::{RunResult, SystemRun};
+use crate::results::SystemRounds;
+use crate::stats::round_order;
+pub use index::{RunIndex, SCHEMA};
+use systems::{Env, Running};
 
 /// A load scenario of the reproduction.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -88,27 +95,12 @@ pub fn scenario(name: &str) -> anyhow::Result<Scenario> {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub scenario: Scenario,
+    /// Rounds of measurement (at least 1): every system once per round.
+    pub rounds: usize,
     pub out: Option<PathBuf>,
     /// Skip `cargo build` (binaries already built).
     pub no_build: bool,
     pub command: String,
-}
-
-/// The runs recorded in `<out>/runs.json`, from which `report` can re-render.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RunIndex {
-    pub scenario: String,
-    pub command: String,
-    pub systems: Vec<RunEntry>,
-    pub skipped: Vec<String>,
-    pub notes: Vec<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RunEntry {
-    pub name: String,
-    pub json: String,
-    pub idle_rss_mb: Option<f64>,
 }
 
 fn workspace_root() -> PathBuf {
@@ -150,180 +142,6 @@ fn timestamp() -> String {
     )
 }
 
-/// RSS (MB) of `pid` and all its descendants now.
-fn tree_rss_mb(pid: u32) -> Option<f64> {
-    let procs = loadgen::procfs::all_processes();
-    let tree = loadgen::procfs::tree_of(pid, &procs);
-    if tree.is_empty() {
-        return None;
-    }
-    let (rss_kib, _) = loadgen::procfs::memory_of(tree.iter().map(|p| p.pid));
-    Some(rss_kib as f64 / 1024.0)
-}
-
-struct Env {
-    bin: PathBuf,
-    out: PathBuf,
-    scenario: Scenario,
-    backend_urls: Vec<String>,
-    workers: usize,
-}
-
-impl Env {
-    fn binary(&self, name: &str) -> PathBuf {
-        self.bin.join(name)
-    }
-
-    /// Run loadgen against `url`, watching `pid`; returns the parsed result.
-    fn load(&self, system: &str, url: &str, pid: u32) -> anyhow::Result<SystemRun> {
-        let idle_rss_mb = tree_rss_mb(pid);
-        let json = self.out.join(format!("{system}.json"));
-        let s = self.scenario;
-        let mut cmd = Command::new(self.binary("loadgen"));
-        cmd.arg("--url")
-            .arg(url)
-            .args(["--sessions", &s.sessions.to_string()])
-            .args(["--rate", &s.rate.to_string()])
-            .args(["--size", &s.size.to_string()])
-            .args(["--duration", &format!("{}s", s.duration_s)])
-            .args(["--mode", s.mode])
-            .args(["--watch-pid", &pid.to_string()])
-            .arg("--json")
-            .arg(&json)
-            .arg("--hist")
-            .arg(self.out.join(format!("{system}.hlog")));
-        eprintln!(
-            "repro: {system}: {} sessions × {} msg/s × {} B for {} s ...",
-            s.sessions, s.rate, s.size, s.duration_s
-        );
-        let mut lg = Proc::spawn(&format!("loadgen-{system}"), cmd, &self.out)?;
-        let status = lg.wait(Duration::from_secs(s.duration_s + 120))?;
-        if !status.success() {
-            bail!("loadgen for {system} failed ({status}); see loadgen-{system}.err");
-        }
-        Ok(SystemRun {
-            name: system.to_string(),
-            result: RunResult::load(&json)?,
-            idle_rss_mb,
-        })
-    }
-
-    fn sttproxy(&self) -> anyhow::Result<SystemRun> {
-        let per_backend = self.scenario.sessions.div_ceil(self.backend_urls.len()) + 8;
-        let mut cmd = Command::new(self.binary("sttproxy"));
-        // The embedded SQLite default, in a fresh file per run: the backend
-        // table is seeded from the --backend flags on its first start.
-        let db = format!("sqlite://{}", self.out.join("sttproxy.db").display());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--db", &db])
-            .args(["--target-size", &per_backend.to_string()])
-            .args(["--max-size", &(per_backend * 2).to_string()])
-            .env("RUST_LOG", "warn");
-        for url in &self.backend_urls {
-            cmd.args(["--backend", url]);
-        }
-        let mut proxy = Proc::spawn("sttproxy", cmd, &self.out)?;
-        let line = proxy.ready_line("sttproxy listening on ", Duration::from_secs(30))?;
-        // "ws://ADDR, admin on http://ADDR"
-        let (client, admin) = line
-            .split_once(", admin on http://")
-            .context("unexpected ready line")?;
-        let admin: std::net::SocketAddr = admin.trim().parse()?;
-        wait_warm(admin, self.backend_urls.len(), Duration::from_secs(60))?;
-        let url = format!("{client}/v1/stream");
-        let run = self.load("sttproxy", &url, proxy.pid());
-        proxy.stop(Duration::from_secs(40));
-        run
-    }
-
-    fn python(&self) -> anyhow::Result<SystemRun> {
-        let root = workspace_root();
-        let port = free_port()?;
-        let bind = format!("127.0.0.1:{port}");
-        let per_worker = self
-            .scenario
-            .sessions
-            .div_ceil(self.backend_urls.len() * self.workers)
-            + 8;
-        let mut cmd = Command::new("bash");
-        cmd.arg(root.join("baseline/python/run.sh"))
-            .env("STTPROXY_BACKENDS", self.backend_urls.join(","))
-            .env("STTPROXY_POOL_SIZE", per_worker.to_string())
-            .env("STTPROXY_POOL_MAX", (per_worker * 4).to_string())
-            .env("WORKERS", self.workers.to_string())
-            .env("BIND", &bind);
-        eprintln!("repro: python: starting ...");
-        let mut py = Proc::spawn("python", cmd, &self.out)?;
-        py.ready_line("baseline listening on", Duration::from_secs(600))?;
-        let run = self.load("python", &format!("ws://{bind}/v1/stream"), py.pid());
-        py.stop(Duration::from_secs(20));
-        run
-    }
-
-    fn nginx(&self, nginx: &Path) -> anyhow::Result<SystemRun> {
-        let dir = self.out.join("nginx");
-        std::fs::create_dir_all(dir.join("tmp"))?;
-        let port = free_port()?;
-        let upstreams: String = self
-            .backend_urls
-            .iter()
-            .map(|u| format!("    server {};\n", u.trim_start_matches("ws://")))
-            .collect();
-        let d = dir.display();
-        let conf = format!(
-            "worker_processes {workers};\nworker_rlimit_nofile 20000;\ndaemon off;\npid {d}/nginx.pid;\n\
-             error_log {d}/error.log warn;\nevents {{ worker_connections 16000; }}\nhttp {{\n  access_log off;\n\
-             client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy; fastcgi_temp_path {d}/tmp/fastcgi;\n\
-             uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;\n  upstream backends {{\n{upstreams}  }}\n\
-             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backends;\n\
-             proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection \"upgrade\";\n\
-             proxy_read_timeout 3600s;\n      proxy_send_timeout 3600s;\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
-            workers = self.workers
-        );
-        let conf_path = dir.join("nginx.conf");
-        std::fs::write(&conf_path, conf)?;
-        let mut cmd = Command::new(nginx);
-        cmd.arg("-p").arg(&dir).arg("-c").arg(&conf_path);
-        let mut ng = Proc::spawn("nginx", cmd, &self.out)?;
-        wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10))?;
-        let run = self.load(
-            "nginx",
-            &format!("ws://127.0.0.1:{port}/v1/stream"),
-            ng.pid(),
-        );
-        ng.stop(Duration::from_secs(10));
-        run
-    }
-}
-
-/// Wait until every pool is warm (idle connections up to its target).
-fn wait_warm(
-    admin: std::net::SocketAddr,
-    backends: usize,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Ok((200, body)) = http_get(admin, "/pools") {
-            let v: serde_json::Value = serde_json::from_str(&body)?;
-            let pools = v["backends"].as_array().cloned().unwrap_or_default();
-            let warm = pools
-                .iter()
-                .filter(|p| {
-                    p["idle"].as_u64() >= p["target"].as_u64() && p["target"].as_u64() > Some(0)
-                })
-                .count();
-            if warm == backends {
-                return Ok(());
-            }
-        }
-        if std::time::Instant::now() >= deadline {
-            bail!("sttproxy's pools did not warm up within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -332,22 +150,21 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Run the whole reproduction; returns the report directory.
-pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
-    let root = workspace_root();
-    // The Python baseline's virtualenv is mostly downloads: prepare it while
-    // the Rust binaries build.
+/// Build the release binaries (unless `no_build`) while the Python baseline's
+/// virtualenv is prepared alongside (mostly downloads). Returns whether the
+/// virtualenv is ready: a failure there skips the baseline, not the run.
+fn build(root: &Path, no_build: bool) -> anyhow::Result<Result<(), String>> {
     let venv = Command::new("bash")
         .arg(root.join("baseline/python/run.sh"))
         .env("BASELINE_PREPARE_ONLY", "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .spawn();
-    if !opts.no_build {
+    if !no_build {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         eprintln!("repro: building the release binaries ...");
         let status = Command::new(cargo)
-            .current_dir(&root)
+            .current_dir(root)
             .args([
                 "build",
                 "--release",
@@ -364,14 +181,103 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
             bail!("cargo build failed ({status})");
         }
     }
-    let venv_ready = match venv {
+    Ok(match venv {
         Ok(mut child) => match child.wait() {
             Ok(status) if status.success() => Ok(()),
             Ok(status) => Err(format!("preparing its virtualenv failed ({status})")),
             Err(e) => Err(format!("preparing its virtualenv: {e}")),
         },
         Err(e) => Err(format!("starting baseline/python/run.sh: {e}")),
-    };
+    })
+}
+
+/// Start the 3 echo backends; returns them and their URLs.
+fn start_backends(bin: &Path, out: &Path, mode: &str) -> anyhow::Result<(Vec<Proc>, Vec<String>)> {
+    let mut backends = Vec::new();
+    let mut urls = Vec::new();
+    for i in 0..3 {
+        let mut cmd = Command::new(bin.join("echo-backend"));
+        cmd.args(["--listen", "127.0.0.1:0", "--mode", mode]);
+        let mut b = Proc::spawn(&format!("echo-backend-{i}"), cmd, out)?;
+        urls.push(b.ready_line("echo-backend listening on ", Duration::from_secs(10))?);
+        backends.push(b);
+    }
+    Ok((backends, urls))
+}
+
+/// Start every system, sttproxy first (without it there is nothing to
+/// report); a baseline that cannot start is noted as skipped.
+fn start_systems(
+    env: &Env,
+    venv_ready: Result<(), String>,
+    notes: &mut RunNotes,
+) -> anyhow::Result<Vec<Running>> {
+    let mut systems = vec![env.start_sttproxy().context("starting sttproxy")?];
+    let target = env.sttproxy_target();
+    notes.notes.push(format!(
+        "sttproxy started on an empty backend table (a fresh sttproxy.db), then its {} backends were added with \
+         `sttproxy backends add` (target {target}, max {} connections each)",
+        env.backend_urls.len(),
+        target * 2
+    ));
+    match venv_ready
+        .map_err(anyhow::Error::msg)
+        .and_then(|()| env.start_python())
+    {
+        Ok(r) => systems.push(r),
+        Err(e) => notes.skipped.push(format!("python baseline: {e:#}")),
+    }
+    match find_in_path("nginx") {
+        Some(nginx) => match env.start_nginx(&nginx) {
+            Ok(r) => systems.push(r),
+            Err(e) => notes.skipped.push(format!("nginx: {e:#}")),
+        },
+        None => notes
+            .skipped
+            .push("nginx: not installed (apt-get install nginx to measure it too)".into()),
+    }
+    Ok(systems)
+}
+
+/// Measure every system once per round, the order rotated each round (see
+/// [`round_order`]). A failed measurement is noted and the rounds go on, so
+/// one bad round does not throw away the others.
+fn measure_rounds(
+    env: &Env,
+    systems: &[Running],
+    rounds: usize,
+    notes: &mut RunNotes,
+) -> Vec<SystemRounds> {
+    let mut measured: Vec<SystemRounds> = systems
+        .iter()
+        .map(|s| SystemRounds {
+            name: s.name.to_string(),
+            runs: Vec::new(),
+        })
+        .collect();
+    for r in 0..rounds {
+        let order = round_order(systems.len(), r);
+        notes
+            .orders
+            .push(order.iter().map(|&i| systems[i].name.to_string()).collect());
+        for (position, &i) in order.iter().enumerate() {
+            match env.load(&systems[i], r + 1, position) {
+                Ok(run) => measured[i].runs.push(run),
+                Err(e) => {
+                    notes
+                        .skipped
+                        .push(format!("{} in round {}: {e:#}", systems[i].name, r + 1))
+                }
+            }
+        }
+    }
+    measured
+}
+
+/// Run the whole reproduction; returns the report directory.
+pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    let venv_ready = build(&root, opts.no_build)?;
     let out = match &opts.out {
         Some(o) => o.clone(),
         None => root.join("reports/out").join(timestamp()),
@@ -381,6 +287,7 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
     let mut notes = RunNotes {
         scenario: format!("{} — {}", opts.scenario.name, opts.scenario.about),
         command: opts.command.clone(),
+        rounds: opts.rounds,
         ..RunNotes::default()
     };
     let s = opts.scenario;
@@ -392,64 +299,39 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
         ));
     }
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut backends = Vec::new();
-    let mut urls = Vec::new();
-    for i in 0..3 {
-        let mut cmd = Command::new(target_dir(&root).join("release/echo-backend"));
-        cmd.args(["--listen", "127.0.0.1:0", "--mode", s.mode]);
-        let mut b = Proc::spawn(&format!("echo-backend-{i}"), cmd, &out)?;
-        let url = b.ready_line("echo-backend listening on ", Duration::from_secs(10))?;
-        urls.push(url);
-        backends.push(b);
-    }
+    let bin = target_dir(&root).join("release");
+    let (backends, urls) = start_backends(&bin, &out, s.mode)?;
     let env = Env {
-        bin: target_dir(&root).join("release"),
+        bin,
         out: out.clone(),
         scenario: s,
         backend_urls: urls,
         workers,
     };
-    let mut runs = Vec::new();
-    runs.push(env.sttproxy().context("measuring sttproxy")?);
-    match venv_ready
-        .map_err(anyhow::Error::msg)
-        .and_then(|()| env.python())
-    {
-        Ok(r) => runs.push(r),
-        Err(e) => notes.skipped.push(format!("python baseline: {e:#}")),
-    }
-    match find_in_path("nginx") {
-        Some(nginx) => match env.nginx(&nginx) {
-            Ok(r) => runs.push(r),
-            Err(e) => notes.skipped.push(format!("nginx: {e:#}")),
-        },
-        None => notes
-            .skipped
-            .push("nginx: not installed (apt-get install nginx to measure it too)".into()),
+    let systems = start_systems(&env, venv_ready, &mut notes)?;
+    let measured = measure_rounds(&env, &systems, opts.rounds, &mut notes);
+    let started = systems.len();
+    for sys in systems {
+        sys.stop();
     }
     for mut b in backends {
         b.stop(Duration::from_secs(5));
     }
+    if measured.first().is_none_or(|m| m.runs.is_empty()) {
+        bail!(
+            "sttproxy was not measured in any round: {}",
+            notes.skipped.join("; ")
+        );
+    }
     notes.notes.push(format!(
-        "loopback only; the load generator, 3 echo backends and each system share this machine's {} cores",
-        workers
+        "all {started} systems were started before round 1 and kept running until the last round ended; while one \
+         was measured the others sat idle, holding their backend connections"
     ));
-    let index = RunIndex {
-        scenario: notes.scenario.clone(),
-        command: notes.command.clone(),
-        systems: runs
-            .iter()
-            .map(|r| RunEntry {
-                name: r.name.clone(),
-                json: format!("{}.json", r.name),
-                idle_rss_mb: r.idle_rss_mb,
-            })
-            .collect(),
-        skipped: notes.skipped.clone(),
-        notes: notes.notes.clone(),
-    };
-    std::fs::write(out.join("runs.json"), serde_json::to_string_pretty(&index)?)?;
-    let md = report::write(&out, &runs, &MachineInfo::read(), &notes)?;
+    notes.notes.push(format!(
+        "loopback only; the load generator, 3 echo backends and the systems share this machine's {workers} cores"
+    ));
+    RunIndex::new(&notes, &measured).save(&out)?;
+    let md = report::write(&out, &measured, &MachineInfo::read(), &notes)?;
     if let Some(summary) = md.split("## Summary").nth(1) {
         println!(
             "{}",
@@ -465,26 +347,23 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
 
 /// Re-render the report of an earlier run from its `runs.json`.
 pub fn rerender(dir: &Path) -> anyhow::Result<()> {
-    let index: RunIndex = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("runs.json")).context("reading runs.json")?,
-    )?;
-    let runs = index
-        .systems
-        .iter()
-        .map(|e| {
-            Ok(SystemRun {
-                name: e.name.clone(),
-                result: RunResult::load(&dir.join(&e.json))?,
-                idle_rss_mb: e.idle_rss_mb,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let notes = RunNotes {
-        scenario: index.scenario,
-        command: index.command,
-        skipped: index.skipped,
-        notes: index.notes,
-    };
-    report::write(dir, &runs, &MachineInfo::read(), &notes)?;
+    let index = RunIndex::load(dir)?;
+    let systems = index.systems(dir)?;
+    report::write(dir, &systems, &MachineInfo::read(), &index.notes)?;
     Ok(())
+}
+
+/// A new empty directory under the system's temporary directory, for tests
+/// that write files.
+#[cfg(test)]
+pub(crate) fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "reports-{name}-{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    ));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        panic!("creating {}: {e}", dir.display());
+    }
+    dir
 }

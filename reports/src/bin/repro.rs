@@ -1,5 +1,5 @@
-//! `cargo repro [--quick] [--scenario NAME] [--out DIR]`: the one-command
-//! reproduction. The last line printed is the report directory.
+//! `cargo repro [--quick] [--scenario NAME] [--rounds N] [--out DIR]`: the
+//! one-command reproduction. The last line printed is the report directory.
 
 use std::path::PathBuf;
 
@@ -18,6 +18,10 @@ struct Args {
     /// Scenario: reference (default), quick, seed, stt, idle-3000.
     #[arg(long, default_value = "reference")]
     scenario: String,
+    /// Rounds: every system is measured once per round, the order rotated
+    /// each round; the report shows medians, ranges and same-round ratios.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
     /// Report directory [default: reports/out/<UTC timestamp>].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -45,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     };
     let opts = Options {
         scenario: repro::scenario(name)?,
+        rounds: usize::from(args.rounds),
         out: args.out,
         no_build: args.no_build,
         command: std::iter::once("cargo repro".to_string())
