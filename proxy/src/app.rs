@@ -19,6 +19,7 @@ use crate::backends::Backends;
 use crate::config::Settings;
 use crate::config::db::{Db, DbError, DbKind};
 use crate::config::sync::{ConfigSync, SyncStatus};
+use crate::handshake::OriginPolicy;
 use crate::metrics::Metrics;
 use crate::server::{self, ServerContext};
 use crate::session::SessionContext;
@@ -171,7 +172,8 @@ impl Proxy {
             settings.max_connections,
             settings.max_connections_per_ip,
             settings.api_keys.clone(),
-            settings.allowed_origins.clone(),
+            OriginPolicy::new(&settings.allowed_origins, settings.allow_missing_origin),
+            settings.handshake_limits(),
             draining.clone(),
         ));
         let accept_stop = CancellationToken::new();

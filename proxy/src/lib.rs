@@ -13,6 +13,7 @@ pub mod app;
 pub mod backend;
 pub mod backends;
 pub mod config;
+pub mod handshake;
 pub mod metrics;
 pub mod reconcile;
 pub mod relay;

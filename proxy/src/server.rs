@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::handshake::{self, HandshakeLimits, OriginPolicy, Refusal};
 use crate::metrics::OutcomeLabel;
 use crate::relay::{FrameStream, Peer};
 use crate::session::{self, SessionContext};
@@ -41,7 +42,8 @@ pub struct ServerContext {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub api_keys: Vec<String>,
-    pub allowed_origins: Vec<String>,
+    pub origins: OriginPolicy,
+    pub limits: HandshakeLimits,
     /// Set at shutdown: new upgrades get 503.
     pub draining: Arc<AtomicBool>,
     open: AtomicUsize,
@@ -57,7 +59,8 @@ impl ServerContext {
         max_connections: usize,
         max_connections_per_ip: usize,
         api_keys: Vec<String>,
-        allowed_origins: Vec<String>,
+        origins: OriginPolicy,
+        limits: HandshakeLimits,
         draining: Arc<AtomicBool>,
     ) -> Self {
         Self {
@@ -67,7 +70,8 @@ impl ServerContext {
             max_connections,
             max_connections_per_ip,
             api_keys,
-            allowed_origins,
+            origins,
+            limits,
             draining,
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
@@ -200,15 +204,22 @@ async fn http_phase(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(ctx.handshake_timeout)
+        // The head's size and header count: beyond them hyper answers 431
+        // (414 for a target past its own maximum) without reading on.
+        .max_buf_size(ctx.limits.head_bytes.max(HandshakeLimits::MIN_HEAD_BYTES))
+        .max_headers(ctx.limits.headers)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     let Ok(admission) = admission else {
-        let _ = tokio::time::timeout(ctx.handshake_timeout, conn).await;
+        if let Ok(Err(e)) = tokio::time::timeout(ctx.handshake_timeout, conn).await {
+            count_parse_refusal(ctx, &e);
+        }
         return None;
     };
     match tokio::time::timeout(ctx.handshake_timeout, conn).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
+            count_parse_refusal(ctx, &e);
             tracing::debug!(%peer, error = %e, "client connection ended before the upgrade");
             return None;
         }
@@ -240,6 +251,23 @@ async fn http_phase(
     Some((ws, params, admission))
 }
 
+/// Requests hyper refused itself (a head past the limits, a malformed
+/// request line) are counted with the others.
+fn count_parse_refusal(ctx: &ServerContext, e: &hyper::Error) {
+    let outcome = if e.is_parse_too_large() {
+        "header_too_large"
+    } else if e.is_parse() {
+        "bad_request"
+    } else {
+        return;
+    };
+    ctx.session
+        .metrics
+        .refused
+        .get_or_create(&OutcomeLabel { outcome })
+        .inc();
+}
+
 fn text_response(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(format!("{reason}\n"))));
     *r.status_mut() = status;
@@ -255,22 +283,33 @@ fn text_response(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
 }
 
 fn refuse(ctx: &ServerContext, status: StatusCode, reason: &'static str) -> Response<Full<Bytes>> {
+    let label = match status.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        426 => "not_websocket",
+        429 => "per_ip_limit",
+        _ => "unavailable",
+    };
+    refuse_as(
+        ctx,
+        Refusal {
+            status,
+            label,
+            reason,
+        },
+    )
+}
+
+/// Answer `r.status` with its reason, counted under `r.label`.
+fn refuse_as(ctx: &ServerContext, r: Refusal) -> Response<Full<Bytes>> {
     ctx.session
         .metrics
         .refused
-        .get_or_create(&OutcomeLabel {
-            outcome: match status.as_u16() {
-                400 => "bad_request",
-                401 => "unauthorized",
-                403 => "forbidden",
-                404 => "not_found",
-                426 => "not_websocket",
-                429 => "per_ip_limit",
-                _ => "unavailable",
-            },
-        })
+        .get_or_create(&OutcomeLabel { outcome: r.label })
         .inc();
-    text_response(status, reason)
+    text_response(r.status, r.reason)
 }
 
 fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
@@ -308,6 +347,9 @@ fn respond(
     refusal: Option<(StatusCode, &'static str)>,
     pending: &Pending,
 ) -> Response<Full<Bytes>> {
+    if let Err(r) = handshake::check_sizes(req.uri(), req.headers(), &ctx.limits) {
+        return refuse_as(ctx, r);
+    }
     if req.uri().path() != ctx.stream_path {
         return refuse(ctx, StatusCode::NOT_FOUND, "not found");
     }
@@ -337,10 +379,14 @@ fn respond(
         .map(HeaderValue::as_bytes)
         != Some(b"13")
     {
-        let mut r = refuse(
+        // RFC 6455 §4.4: 426 with the versions this server speaks.
+        let mut r = refuse_as(
             ctx,
-            StatusCode::BAD_REQUEST,
-            "unsupported websocket version",
+            Refusal {
+                status: StatusCode::UPGRADE_REQUIRED,
+                label: "bad_version",
+                reason: "unsupported websocket version",
+            },
         );
         r.headers_mut().insert(
             header::SEC_WEBSOCKET_VERSION,
@@ -351,6 +397,9 @@ fn respond(
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
         return refuse(ctx, StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
+    if !handshake::valid_websocket_key(&key) {
+        return refuse(ctx, StatusCode::BAD_REQUEST, "invalid Sec-WebSocket-Key");
+    }
     if !authorized(&req, &ctx.api_keys) {
         return refuse(
             ctx,
@@ -358,14 +407,8 @@ fn respond(
             "missing or invalid credentials",
         );
     }
-    if !ctx.allowed_origins.is_empty() {
-        let origin = req
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok());
-        if !origin.is_some_and(|o| ctx.allowed_origins.iter().any(|a| a == o)) {
-            return refuse(ctx, StatusCode::FORBIDDEN, "origin not allowed");
-        }
+    if !ctx.origins.permits(req.headers().get(header::ORIGIN)) {
+        return refuse(ctx, StatusCode::FORBIDDEN, "origin not allowed");
     }
     if let Some((status, reason)) = refusal {
         return refuse(ctx, status, reason);

@@ -842,6 +842,11 @@ async fn sigterm_drains_sessions_and_exits_zero() {
         );
         let log = proxy.stderr_log();
         assert!(log.contains("shutting down"), "stderr:\n{log}");
+        // Its stderr is a pipe here, as under a service manager: no colour codes.
+        assert!(
+            !log.contains('\x1b'),
+            "ANSI escape codes in a log written to a pipe:\n{log:?}"
+        );
         for b in &backends {
             b.shutdown().await;
         }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::health::HealthThresholds;
 use crate::backend::{BackendSpec, PoolTuning, Reuse};
+use crate::handshake::HandshakeLimits;
 use crate::reconcile::ReconcileConfig;
 use crate::session::SessionSettings;
 
@@ -47,8 +48,23 @@ pub struct Settings {
     /// API keys accepted in `Authorization: Bearer <key>` or `x-api-key`;
     /// empty = no authentication.
     pub api_keys: Vec<String>,
-    /// Allowed `Origin` values; empty = any origin.
+    /// Allowed `Origin` values; empty = any origin. Compared as origins
+    /// (scheme and host case-insensitive, default port and trailing slash
+    /// ignored).
     pub allowed_origins: Vec<String>,
+    /// With `allowed_origins` set: whether a request without `Origin` (native
+    /// apps, servers; browsers always send it) may upgrade.
+    pub allow_missing_origin: bool,
+    /// The upgrade request's head (request line and headers) in bytes at
+    /// most; beyond: HTTP 431. Bounds a connection's memory before the
+    /// upgrade. At least 8192.
+    pub max_request_head_bytes: usize,
+    /// One request header (name and value) in bytes at most; beyond: HTTP 431.
+    pub max_header_bytes: usize,
+    /// Request headers at most; beyond: HTTP 431.
+    pub max_headers: usize,
+    /// The request target (path and query) in bytes at most; beyond: HTTP 414.
+    pub max_uri_bytes: usize,
     /// The client's HTTP request must arrive within this.
     #[serde(with = "human_duration")]
     pub handshake_timeout: Duration,
@@ -138,6 +154,11 @@ impl Default for Settings {
             max_connections_per_ip: 0,
             api_keys: Vec::new(),
             allowed_origins: Vec::new(),
+            allow_missing_origin: true,
+            max_request_head_bytes: HandshakeLimits::default().head_bytes,
+            max_header_bytes: HandshakeLimits::default().header_bytes,
+            max_headers: HandshakeLimits::default().headers,
+            max_uri_bytes: HandshakeLimits::default().uri_bytes,
             handshake_timeout: Duration::from_secs(10),
             acquire_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
@@ -257,6 +278,7 @@ impl Settings {
         if !self.stream_path.starts_with('/') {
             return Err(ConfigError::Invalid("stream_path must start with /".into()));
         }
+        self.validate_handshake_limits()?;
         if self.max_message_size < 1024 {
             return Err(ConfigError::Invalid(
                 "max_message_size must be at least 1024".into(),
@@ -272,6 +294,39 @@ impl Settings {
             })?;
         }
         Ok(())
+    }
+
+    /// Every handshake size limit with its sane range.
+    fn validate_handshake_limits(&self) -> Result<(), ConfigError> {
+        let head = self.max_request_head_bytes;
+        let checks = [
+            (
+                "max_request_head_bytes",
+                head,
+                HandshakeLimits::MIN_HEAD_BYTES,
+                1 << 20,
+            ),
+            ("max_header_bytes", self.max_header_bytes, 256, head),
+            ("max_headers", self.max_headers, 8, 1000),
+            ("max_uri_bytes", self.max_uri_bytes, 64, head),
+        ];
+        for (key, value, min, max) in checks {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} = {value} is out of range ({min} to {max})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn handshake_limits(&self) -> HandshakeLimits {
+        HandshakeLimits {
+            head_bytes: self.max_request_head_bytes,
+            header_bytes: self.max_header_bytes,
+            headers: self.max_headers,
+            uri_bytes: self.max_uri_bytes,
+        }
     }
 
     /// The backends as specs, sizes defaulted.
@@ -385,5 +440,24 @@ mod tests {
             assert!(err.contains(key), "{key}: {err}");
         }
         assert!(Settings::default().validate().is_ok());
+    }
+
+    #[test]
+    fn handshake_limits_out_of_range_are_rejected_naming_the_key() {
+        for (key, value) in [
+            // hyper panics below 8192 bytes of read buffer.
+            ("max_request_head_bytes", 4096),
+            ("max_request_head_bytes", 2 << 20),
+            ("max_header_bytes", 0),
+            // More than the whole head could hold.
+            ("max_header_bytes", 32 << 10),
+            ("max_headers", 0),
+            ("max_uri_bytes", 10),
+            ("max_uri_bytes", 32 << 10),
+        ] {
+            let s: Settings = toml::from_str(&format!("{key} = {value}")).unwrap();
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key} = {value}: {err}");
+        }
     }
 }
