@@ -252,6 +252,8 @@ fn settings() -> RelaySettings {
         send_timeout: long,
         close_timeout: long,
         max_message_size: 1 << 20,
+        ping_interval: long,
+        pong_timeout: long,
     }
 }
 

@@ -28,6 +28,8 @@ pub struct SessionSettings {
     pub idle_timeout: Duration,
     pub send_timeout: Duration,
     pub max_message_size: usize,
+    pub client_ping_interval: Duration,
+    pub client_pong_timeout: Duration,
 }
 
 impl Default for SessionSettings {
@@ -38,6 +40,8 @@ impl Default for SessionSettings {
             idle_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(10),
             max_message_size: 1 << 20,
+            client_ping_interval: Duration::from_secs(20),
+            client_pong_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -222,6 +226,8 @@ where
         send_timeout: settings.send_timeout,
         close_timeout: CLOSE_TIMEOUT,
         max_message_size: settings.max_message_size,
+        ping_interval: settings.client_ping_interval,
+        pong_timeout: settings.client_pong_timeout,
     };
     let end = relay::relay(
         client,

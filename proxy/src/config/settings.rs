@@ -80,6 +80,13 @@ pub struct Settings {
     /// A client that cannot take a message within this is closed with 1008.
     #[serde(with = "human_duration")]
     pub send_timeout: Duration,
+    /// Nothing at all from a client this long: the proxy sends it a Ping.
+    #[serde(with = "human_duration")]
+    pub client_ping_interval: Duration,
+    /// Still nothing from it (not even the Pong) this long after: its link is
+    /// presumed dead and its socket shut.
+    #[serde(with = "human_duration")]
+    pub client_pong_timeout: Duration,
     /// On SIGTERM/SIGINT sessions get this long to finish, then close with 1001.
     #[serde(with = "human_duration")]
     pub shutdown_grace: Duration,
@@ -164,6 +171,8 @@ impl Default for Settings {
             drain_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(10),
+            client_ping_interval: Duration::from_secs(20),
+            client_pong_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             max_message_size: 1 << 20,
             health_interval: Duration::from_secs(10),
@@ -217,7 +226,7 @@ impl Settings {
 
     /// Every duration setting with its smallest sane value: zero would spin
     /// or panic (a zero interval); the largest is a day for all (more is a typo).
-    fn durations(&self) -> [(&'static str, Duration, Duration); 12] {
+    fn durations(&self) -> [(&'static str, Duration, Duration); 14] {
         let ms = Duration::from_millis;
         [
             ("handshake_timeout", self.handshake_timeout, ms(10)),
@@ -225,6 +234,8 @@ impl Settings {
             ("drain_timeout", self.drain_timeout, ms(10)),
             ("idle_timeout", self.idle_timeout, ms(100)),
             ("send_timeout", self.send_timeout, ms(10)),
+            ("client_ping_interval", self.client_ping_interval, ms(10)),
+            ("client_pong_timeout", self.client_pong_timeout, ms(10)),
             ("shutdown_grace", self.shutdown_grace, ms(0)),
             ("health_interval", self.health_interval, ms(10)),
             ("health_timeout", self.health_timeout, ms(1)),
@@ -363,6 +374,8 @@ impl Settings {
             idle_timeout: self.idle_timeout,
             send_timeout: self.send_timeout,
             max_message_size: self.max_message_size,
+            client_ping_interval: self.client_ping_interval,
+            client_pong_timeout: self.client_pong_timeout,
         }
     }
 

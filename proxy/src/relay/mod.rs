@@ -60,14 +60,21 @@ pub struct RelaySettings {
     pub send_timeout: Duration,
     pub close_timeout: Duration,
     pub max_message_size: usize,
+    /// Nothing at all from the client this long: the proxy pings it.
+    pub ping_interval: Duration,
+    /// Still nothing (not even the pong) this long after the ping: the
+    /// client's link is presumed dead and its socket shut.
+    pub pong_timeout: Duration,
 }
 
 impl RelaySettings {
-    /// How often the session's timer checks idleness and stalls: a quarter of
-    /// the shortest of those timeouts, between 10 ms and 1 s.
+    /// How often the session's timer checks idleness, liveness and stalls: a
+    /// quarter of the shortest of those timeouts, between 10 ms and 1 s.
     fn tick(&self) -> Duration {
-        (self.idle_timeout.min(self.send_timeout) / 4)
-            .clamp(Duration::from_millis(10), Duration::from_secs(1))
+        let shortest = [self.send_timeout, self.ping_interval, self.pong_timeout]
+            .into_iter()
+            .fold(self.idle_timeout, Duration::min);
+        (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 }
 
@@ -133,6 +140,8 @@ where
         settings,
         tick: settings.tick(),
         last_heard: Instant::now(),
+        last_data: Instant::now(),
+        ping_sent: None,
         stalled_client: None,
         stalled_backend: None,
         shutdown,
@@ -172,7 +181,12 @@ struct Relay<'a, C, B, L> {
     client_close: Option<&'static str>,
     settings: RelaySettings,
     tick: Duration,
+    /// When the last bytes of any kind came from the client (liveness).
     last_heard: Instant,
+    /// When the last data message came from the client (idleness).
+    last_data: Instant,
+    /// When the proxy's ping went out, while its answer is awaited.
+    ping_sent: Option<Instant>,
     stalled_client: Option<Instant>,
     stalled_backend: Option<Instant>,
     shutdown: &'a tokio_util::sync::CancellationToken,
@@ -475,6 +489,38 @@ where
         step.read
     }
 
+    /// Liveness: any bytes from the client (data, control, a pong) within
+    /// `ping_interval`, else a Ping; then any bytes within `pong_timeout`,
+    /// else the link is presumed dead (a dead NAT or a pulled cable sends no
+    /// FIN) and the client's socket is shut, counted as `ping_timeout`.
+    fn check_liveness(&mut self, now: Instant) {
+        if std::mem::take(&mut self.state.heard) {
+            self.last_heard = now;
+            self.ping_sent = None;
+        }
+        if !self.state.client_takes_data() {
+            return;
+        }
+        match self.ping_sent {
+            Some(at) if now.duration_since(at) >= self.settings.pong_timeout => {
+                tracing::debug!(session = %self.state.id, "client answered no ping: link presumed dead");
+                self.client_close = Some("ping_timeout");
+                self.state.client_unresponsive();
+                self.out_client = Output::default();
+            }
+            // A control frame may go between frames only, as a pong does.
+            None if now.duration_since(self.last_heard) >= self.settings.ping_interval
+                && !self.to_client.mid_frame() =>
+            {
+                let mut ping = Vec::with_capacity(2);
+                frame::push_frame(&mut ping, frame::OP_PING, &[], None);
+                self.out_client.push(&ping);
+                self.ping_sent = Some(now);
+            }
+            _ => {}
+        }
+    }
+
     /// The client's stream ended or failed without a close handshake.
     fn client_vanished(&mut self) {
         self.client_close.get_or_insert("vanished");
@@ -651,19 +697,24 @@ where
     }
 
     fn on_tick(&mut self, now: Instant) {
+        // Messages relayed since the last tick (before the counts are flushed).
+        let data_heard = self.state.counts.to_backend.0 > 0;
         self.flush_counts();
         let st = &mut self.state;
         if self.shutdown.is_cancelled() && st.client_takes_data() {
             st.shutdown();
         }
-        // Idleness: nothing from the client for idle_timeout.
-        if std::mem::take(&mut st.heard) {
-            self.last_heard = now;
+        // Idleness: no data message from the client for idle_timeout (a
+        // client that only pings is idle: it streams nothing).
+        if data_heard {
+            self.last_data = now;
         } else if st.client == ClientPhase::Open
-            && now.duration_since(self.last_heard) >= self.settings.idle_timeout
+            && now.duration_since(self.last_data) >= self.settings.idle_timeout
         {
             st.idle();
         }
+        self.check_liveness(now);
+        let st = &mut self.state;
         // Stalls: bytes queued and none taken for send_timeout.
         let send_timeout = self.settings.send_timeout;
         let prev = now.checked_sub(self.tick).unwrap_or(now);
@@ -768,6 +819,8 @@ mod tests {
             send_timeout: Duration::from_secs(5),
             close_timeout: Duration::from_secs(1),
             max_message_size: 2 << 20,
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(10),
         }
     }
 

@@ -281,6 +281,13 @@ impl State {
         self.close_deadline = None;
     }
 
+    /// The client answered nothing, not even a ping, within the pong
+    /// deadline: its link is presumed dead.
+    pub fn client_unresponsive(&mut self) {
+        self.outcome("client_timeout");
+        self.client_gone();
+    }
+
     pub fn backend_failed(&mut self, why: String) {
         if matches!(
             self.backend,
