@@ -160,7 +160,11 @@ async fn relays_text_and_binary_in_order_byte_for_byte() {
         let reader = async {
             let mut got = Vec::new();
             let mut pongs = Vec::new();
-            while got.len() < expected.len() || pongs.len() < 2 {
+            // A pong owed while the proxy is mid-frame toward the client
+            // waits for that frame; a newer ping replaces it (RFC 6455
+            // §5.5.3, docs/protocol.md): the last ping is always answered.
+            let last = Bytes::from_static(b"between binary fragments");
+            while got.len() < expected.len() || pongs.last() != Some(&last) {
                 match rx.next().await {
                     Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => got.push(m),
                     Some(Ok(Message::Pong(p))) => pongs.push(p),
@@ -186,12 +190,11 @@ async fn relays_text_and_binary_in_order_byte_for_byte() {
                 describe(g)
             );
         }
-        assert_eq!(
-            pongs,
-            vec![
-                Bytes::from_static(b"between text fragments"),
-                Bytes::from_static(b"between binary fragments")
-            ]
+        let text_ping = Bytes::from_static(b"between text fragments");
+        let binary_ping = Bytes::from_static(b"between binary fragments");
+        assert!(
+            pongs == [text_ping.clone(), binary_ping.clone()] || pongs == [binary_ping],
+            "pongs: {pongs:?}"
         );
 
         let mut ws = tx.reunite(rx).unwrap();
