@@ -35,13 +35,21 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The cause is in the message, not chained as a source: anyhow's `{:#}`
+    /// at the binary's edge would print it twice.
     #[error("backend table: {0}")]
-    Database(#[from] DbError),
+    Database(DbError),
     #[error("backend {id}: {source}")]
     Backend {
         id: String,
         source: crate::backend::DialError,
     },
+}
+
+impl From<DbError> for StartError {
+    fn from(e: DbError) -> Self {
+        Self::Database(e)
+    }
 }
 
 /// A running proxy. Dropping it does not stop it: call [`Proxy::shutdown`].
@@ -126,9 +134,12 @@ impl Proxy {
                     background_stop.clone(),
                     settings.sync_interval,
                     settings.backend_specs(),
-                );
+                )
+                .seeds_must_match(settings.seeds_from_flags);
                 if let Err(e) = sync.sync_once().await {
-                    if sync.db().kind() == DbKind::Sqlite {
+                    if sync.db().kind() == DbKind::Sqlite
+                        || matches!(e, DbError::SeedConflict { .. })
+                    {
                         // A local file: nothing to wait for.
                         sync.db().close().await;
                         return Err(StartError::Database(e));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sttproxy::backend::{BackendSpec, Reuse};
-use sttproxy::config::db::{BackendPatch, Db, DbUrl, RowRead};
+use sttproxy::config::db::{BackendPatch, Db, DbUrl, RowRead, redact};
 use sttproxy::config::{BackendEntry, LogFormat, Settings};
 
 #[derive(Parser, Debug)]
@@ -226,6 +226,7 @@ fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
         };
         s.db = Some(DbUrl::sqlite_file(&dir.join("sttproxy.db")));
     }
+    s.seeds_from_flags = !args.backends.is_empty();
     for url in &args.backends {
         s.backends.push(BackendEntry {
             url: url.clone(),
@@ -416,7 +417,7 @@ async fn backends(cmd: BackendsCommand) -> anyhow::Result<()> {
 fn describe(spec: &BackendSpec) -> String {
     format!(
         "url {}, target {}, max {}, weight {}, reuse {}{}",
-        spec.url,
+        redact(&spec.url),
         spec.target_size,
         spec.max_size,
         spec.weight,
@@ -435,6 +436,8 @@ fn list_json(rows: &[RowRead]) -> serde_json::Value {
             Ok(row) => {
                 let mut v = serde_json::to_value(row).unwrap_or_default();
                 if let Some(obj) = v.as_object_mut() {
+                    // A URL's password is for the proxy, not for whoever lists.
+                    obj.insert("url".into(), redact(&row.url).into());
                     obj.insert(
                         "error".into(),
                         row.to_spec()
@@ -461,7 +464,7 @@ fn write_table(out: &mut impl Write, rows: &[RowRead]) -> anyhow::Result<()> {
             Ok(row) => lines.push((
                 vec![
                     row.id.clone(),
-                    row.url.clone(),
+                    redact(&row.url),
                     row.target_size.to_string(),
                     row.max_size.to_string(),
                     row.weight.to_string(),

@@ -380,17 +380,70 @@ async fn serve_defaults_to_sqlite_next_to_the_settings_file() {
         .await;
         drop(serve);
 
-        // Restarted with other seed flags, the table stays as it is.
-        let serve = Serve::start(
-            &["--config", "etc/sttproxy.toml", "--backend", "ws://127.0.0.1:1"],
-            dir.path(),
-        );
+        // Restarted from the file alone: the file's [[backends]] only seed an
+        // empty table, so the table stays as it is, and that is logged.
+        let serve = Serve::start(&["--config", "etc/sttproxy.toml"], dir.path());
         assert_eq!(ids(&pools(serve.admin).await), ["a", "b"]);
         eventually(Duration::from_secs(3), "the ignored seeds are logged", || async {
             serve.logged("only seed an empty table").is_some()
         })
         .await;
         drop(serve);
+
+        // Restarted with --backend naming other backends: explicit flags are
+        // never silently ignored. It refuses to start, naming both lists
+        // (passwords left out).
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--config", "etc/sttproxy.toml"])
+            .args(["--backend", "ws://u:hunter2@127.0.0.1:1"])
+            .current_dir(dir.path())
+            .env_remove("STTPROXY_DB")
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        eventually(Duration::from_secs(20), "serve with other --backend exits", || {
+            let exited = child.try_wait().unwrap().is_some();
+            async move { exited }
+        })
+        .await;
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "it served; stderr:\n{err}");
+        assert!(
+            err.contains("already holds other backends")
+                && err.contains(&a.url())
+                && err.contains("ws://u:***@127.0.0.1:1")
+                && !err.contains("hunter2"),
+            "stderr:\n{err}"
+        );
+
+        // With --backend naming exactly the table's backends, it starts.
+        let (a_url, b_url) = (a.url(), b.url());
+        let serve = Serve::start(
+            &["--config", "etc/sttproxy.toml", "--backend", &b_url, "--backend", &a_url],
+            dir.path(),
+        );
+        assert_eq!(ids(&pools(serve.admin).await), ["a", "b"]);
+        drop(serve);
+
+        // Listing the table shows no password.
+        let db3 = db.clone();
+        let (text, json) = tokio::task::spawn_blocking(move || {
+            ok(&db3, &["add", "--url", "ws://u:hunter2@127.0.0.1:9", "--id", "c"]);
+            (ok(&db3, &["list"]), ok(&db3, &["list", "--format", "json"]))
+        })
+        .await
+        .unwrap();
+        for listing in [&text, &json] {
+            assert!(
+                listing.contains("u:***@127.0.0.1:9") && !listing.contains("hunter2"),
+                "{listing}"
+            );
+        }
         a.shutdown().await;
         b.shutdown().await;
     })

@@ -76,6 +76,16 @@ pub enum DbError {
     Duplicate(String),
     #[error("backend {id:?}: {reason}")]
     Invalid { id: String, reason: String },
+    #[error(
+        "the backend table in {db} already holds other backends ({table}) than --backend \
+         names ({flags}): --backend only seeds an empty table on its first start. Change the \
+         table with `sttproxy backends` (add, set, remove), or give --db a new file"
+    )]
+    SeedConflict {
+        db: String,
+        table: String,
+        flags: String,
+    },
 }
 
 /// A database URL, checked for its kind.

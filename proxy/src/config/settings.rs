@@ -129,6 +129,11 @@ pub struct Settings {
     pub sync_interval: Duration,
     /// `text` (human) or `json` logs.
     pub log_format: LogFormat,
+    /// The seed backends were named on the command line (`serve --backend`):
+    /// a table populated before with other backends is then an error at
+    /// start, not a warning — explicit flags are never silently ignored.
+    #[serde(skip)]
+    pub seeds_from_flags: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
@@ -189,6 +194,7 @@ impl Default for Settings {
             db: None,
             sync_interval: Duration::from_secs(5),
             log_format: LogFormat::Text,
+            seeds_from_flags: false,
         }
     }
 }

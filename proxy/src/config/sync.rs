@@ -293,6 +293,8 @@ pub struct ConfigSync {
     status: Arc<SyncStatus>,
     interval: Duration,
     seeds: Vec<BackendSpec>,
+    /// A populated table whose URLs differ from the seeds' is an error.
+    seeds_must_match: bool,
     current: BTreeMap<String, Running>,
     /// Migrations ran and seeds were considered.
     initialised: bool,
@@ -322,11 +324,20 @@ impl ConfigSync {
             status,
             interval,
             seeds,
+            seeds_must_match: false,
             current: BTreeMap::new(),
             initialised: false,
             applied_version: None,
             rng: SmallRng::from_os_rng(),
         }
+    }
+
+    /// The seeds were named explicitly (`serve --backend`): a table populated
+    /// before with other backends fails the first sync
+    /// ([`DbError::SeedConflict`]) instead of being served with a warning.
+    pub fn seeds_must_match(mut self, must: bool) -> Self {
+        self.seeds_must_match = must;
+        self
     }
 
     pub fn status(&self) -> Arc<SyncStatus> {
@@ -348,6 +359,35 @@ impl ConfigSync {
         self.apply(wanted, &[]);
     }
 
+    /// The table holds exactly the seeds' backend URLs (in any order), or
+    /// [`DbError::SeedConflict`] naming both (credentials left out).
+    async fn check_seeds_match(&self) -> Result<(), DbError> {
+        let rows = timed(self.db.rows()).await?;
+        let mut table: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|r| super::db::redact(&r.url))
+            .collect();
+        let mut flags: Vec<String> = self
+            .seeds
+            .iter()
+            .map(|s| super::db::redact(&s.url))
+            .collect();
+        // The file's [[backends]] and --backend together, each URL once.
+        table.sort();
+        flags.sort();
+        table.dedup();
+        flags.dedup();
+        if table == flags && rows.iter().all(Result::is_ok) {
+            return Ok(());
+        }
+        Err(DbError::SeedConflict {
+            db: self.db.display_url().to_string(),
+            table: table.join(", "),
+            flags: flags.join(", "),
+        })
+    }
+
     /// One sync: migrate and seed if not done yet, check the change counter,
     /// read and apply the rows if it moved. Failures are recorded in the status.
     pub async fn sync_once(&mut self) -> Result<(), DbError> {
@@ -367,6 +407,11 @@ impl ConfigSync {
             match timed(self.db.seed(&self.seeds)).await? {
                 SeedOutcome::Seeded(n) => {
                     tracing::info!(rows = n, db = %self.db.display_url(), "seeded the empty backend table from the settings");
+                }
+                SeedOutcome::NotEmpty(_) | SeedOutcome::AlreadySeeded
+                    if self.seeds_must_match && !self.seeds.is_empty() =>
+                {
+                    self.check_seeds_match().await?;
                 }
                 SeedOutcome::NotEmpty(_) | SeedOutcome::AlreadySeeded if !self.seeds.is_empty() => {
                     tracing::warn!(
