@@ -262,6 +262,12 @@ impl BackendPatch {
 
 /// The SQL that differs between the two kinds.
 struct Dialect {
+    /// How a write transaction begins. SQLite's plain `BEGIN` takes the write
+    /// lock only at the first write: two read-then-write transactions then
+    /// deadlock on the upgrade and one fails at once with "database is
+    /// locked", the busy timeout notwithstanding. `BEGIN IMMEDIATE` takes it
+    /// up front, so concurrent writers wait their turn.
+    begin_write: &'static str,
     select_rows: &'static str,
     select_one: &'static str,
     select_meta_for_update: &'static str,
@@ -274,6 +280,7 @@ const SQLITE: Dialect = Dialect {
     select_one: "SELECT id, url, target_size, max_size, weight, enabled, reuse, updated_at \
                  FROM backends WHERE id = $1",
     select_meta_for_update: "SELECT seeded FROM sttproxy_meta WHERE id = 1",
+    begin_write: "BEGIN IMMEDIATE",
     migration: include_str!("../../migrations/sqlite/0001_backends.sql"),
 };
 
@@ -285,6 +292,7 @@ const POSTGRES: Dialect = Dialect {
                  to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS updated_at \
                  FROM backends WHERE id = $1 FOR UPDATE",
     select_meta_for_update: "SELECT seeded FROM sttproxy_meta WHERE id = 1 FOR UPDATE",
+    begin_write: "BEGIN",
     migration: include_str!("../../migrations/postgres/0001_backends.sql"),
 };
 
@@ -491,8 +499,9 @@ impl Db {
     /// are serialized).
     pub async fn seed(&self, seeds: &[BackendSpec]) -> Result<SeedOutcome, DbError> {
         let select_meta = self.dialect().select_meta_for_update;
+        let begin_write = self.dialect().begin_write;
         let result: Result<SeedOutcome, sqlx::Error> = on_pool!(self, p => async {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_with(begin_write).await?;
             let seeded: bool = sqlx::query_scalar(select_meta).fetch_one(&mut *tx).await?;
             if seeded {
                 return Ok(SeedOutcome::AlreadySeeded);
@@ -526,8 +535,9 @@ impl Db {
             id: spec.id.clone(),
             reason,
         })?;
+        let begin_write = self.dialect().begin_write;
         let result: Result<(), sqlx::Error> = on_pool!(self, p => async {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_with(begin_write).await?;
             bind_spec(sqlx::query(INSERT), spec).execute(&mut *tx).await?;
             sqlx::query(MARK_SEEDED).bind(true).execute(&mut *tx).await?;
             tx.commit().await
@@ -544,8 +554,9 @@ impl Db {
     /// Returns the backend as it is now.
     pub async fn update(&self, id: &str, patch: &BackendPatch) -> Result<BackendSpec, DbError> {
         let select_one = self.dialect().select_one;
+        let begin_write = self.dialect().begin_write;
         let result: Result<Result<BackendSpec, DbError>, sqlx::Error> = on_pool!(self, p => async {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_with(begin_write).await?;
             let Some(row) = sqlx::query(select_one).bind(id).fetch_optional(&mut *tx).await? else {
                 return Ok(Err(DbError::NotFound(id.to_string())));
             };
