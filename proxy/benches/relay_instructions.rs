@@ -254,6 +254,7 @@ fn settings() -> RelaySettings {
         max_message_size: 1 << 20,
         ping_interval: long,
         pong_timeout: long,
+        rate: sttproxy::relay::rate::RateLimits::OFF,
     }
 }
 

@@ -32,6 +32,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    pub limit: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
     pub direction: &'static str,
 }
@@ -50,6 +55,8 @@ pub struct Metrics {
     pub relay_dropped: Family<ReasonLabel, Counter>,
     /// How the proxy's side of client close handshakes ended.
     pub client_closes: Family<OutcomeLabel, Counter>,
+    /// Sessions closed for going past a rate limit, by limit.
+    pub rate_limited: Family<LimitLabel, Counter>,
     pub acquire_wait_seconds: Histogram,
     pub session_seconds: Histogram,
     registry: Registry,
@@ -86,6 +93,7 @@ impl Metrics {
             refused: Family::default(),
             relay_dropped: Family::default(),
             client_closes: Family::default(),
+            rate_limited: Family::default(),
             acquire_wait_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             session_seconds: Histogram::new(exponential_buckets(0.1, 4.0, 10)),
             registry: Registry::default(),
@@ -141,6 +149,12 @@ impl Metrics {
             m.client_closes.clone(),
         );
         registry.register(
+            "rate_limited",
+            "Client sessions closed with 1008 for sending past a rate limit, by limit \
+             (messages, bytes)",
+            m.rate_limited.clone(),
+        );
+        registry.register(
             "acquire_wait_seconds",
             "Time a new session waited for a backend connection",
             m.acquire_wait_seconds.clone(),
@@ -151,6 +165,7 @@ impl Metrics {
             m.session_seconds.clone(),
         );
         registry.register_collector(Box::new(PoolCollector { backends }));
+        registry.register_collector(Box::new(RuntimeCollector));
         if let Some(status) = config {
             registry.register_collector(Box::new(ConfigCollector { status }));
         }
@@ -162,6 +177,30 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+/// The tokio runtime's live task count, read at scrape time: a task leak
+/// (a session or a dial that never ends) shows as a rising line where the
+/// sessions gauge stays flat.
+#[derive(Debug)]
+struct RuntimeCollector;
+
+impl Collector for RuntimeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        // Scrapes are served on the proxy's runtime; elsewhere there is
+        // nothing to report.
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return Ok(());
+        };
+        let tasks = handle.metrics().num_alive_tasks();
+        let metric = encoder.encode_descriptor(
+            "runtime_tasks",
+            "Tasks alive on the proxy's tokio runtime",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(tasks).unwrap_or(i64::MAX)).encode(metric)
     }
 }
 

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{BackendConn, Reuse, fence};
 use crate::backends::Backends;
 use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
+use crate::relay::rate::RateLimits;
 use crate::relay::{self, CLOSE_TIMEOUT, FrameStream, RelayLease, RelaySettings};
 use crate::route::{self, NoConnection};
 
@@ -30,6 +31,7 @@ pub struct SessionSettings {
     pub max_message_size: usize,
     pub client_ping_interval: Duration,
     pub client_pong_timeout: Duration,
+    pub rate: RateLimits,
 }
 
 impl Default for SessionSettings {
@@ -42,6 +44,7 @@ impl Default for SessionSettings {
             max_message_size: 1 << 20,
             client_ping_interval: Duration::from_secs(20),
             client_pong_timeout: Duration::from_secs(10),
+            rate: RateLimits::OFF,
         }
     }
 }
@@ -228,6 +231,7 @@ where
         max_message_size: settings.max_message_size,
         ping_interval: settings.client_ping_interval,
         pong_timeout: settings.client_pong_timeout,
+        rate: settings.rate,
     };
     let end = relay::relay(
         client,

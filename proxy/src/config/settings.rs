@@ -4,6 +4,7 @@
 //! file's `[[backends]]` only seed an empty database on its first start.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use crate::backend::health::HealthThresholds;
 use crate::backend::{BackendSpec, PoolTuning, Reuse};
 use crate::handshake::HandshakeLimits;
 use crate::reconcile::ReconcileConfig;
+use crate::relay::rate::RateLimits;
 use crate::session::SessionSettings;
 
 /// Durations in the file are human strings: "250ms", "5s", "2m".
@@ -87,6 +89,15 @@ pub struct Settings {
     /// presumed dead and its socket shut.
     #[serde(with = "human_duration")]
     pub client_pong_timeout: Duration,
+    /// Data messages a client may send per second (0: no limit); past it
+    /// the session closes with 1008 (docs/configuration.md, "Rate limits").
+    pub max_client_messages_per_second: u32,
+    /// Payload bytes a client may send per second (0: no limit), as above.
+    pub max_client_bytes_per_second: u32,
+    /// How far ahead of those rates a client may run, as time at the rate
+    /// (at least 1s: the limits are charged once per session tick).
+    #[serde(with = "human_duration")]
+    pub rate_limit_burst: Duration,
     /// On SIGTERM/SIGINT sessions get this long to finish, then close with 1001.
     #[serde(with = "human_duration")]
     pub shutdown_grace: Duration,
@@ -178,6 +189,9 @@ impl Default for Settings {
             send_timeout: Duration::from_secs(10),
             client_ping_interval: Duration::from_secs(20),
             client_pong_timeout: Duration::from_secs(10),
+            max_client_messages_per_second: 0,
+            max_client_bytes_per_second: 0,
+            rate_limit_burst: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
             max_message_size: 1 << 20,
             health_interval: Duration::from_secs(10),
@@ -232,7 +246,7 @@ impl Settings {
 
     /// Every duration setting with its smallest sane value: zero would spin
     /// or panic (a zero interval); the largest is a day for all (more is a typo).
-    fn durations(&self) -> [(&'static str, Duration, Duration); 14] {
+    fn durations(&self) -> [(&'static str, Duration, Duration); 15] {
         let ms = Duration::from_millis;
         [
             ("handshake_timeout", self.handshake_timeout, ms(10)),
@@ -242,6 +256,7 @@ impl Settings {
             ("send_timeout", self.send_timeout, ms(10)),
             ("client_ping_interval", self.client_ping_interval, ms(10)),
             ("client_pong_timeout", self.client_pong_timeout, ms(10)),
+            ("rate_limit_burst", self.rate_limit_burst, ms(1000)),
             ("shutdown_grace", self.shutdown_grace, ms(0)),
             ("health_interval", self.health_interval, ms(10)),
             ("health_timeout", self.health_timeout, ms(1)),
@@ -382,6 +397,11 @@ impl Settings {
             max_message_size: self.max_message_size,
             client_ping_interval: self.client_ping_interval,
             client_pong_timeout: self.client_pong_timeout,
+            rate: RateLimits {
+                messages_per_second: NonZeroU32::new(self.max_client_messages_per_second),
+                bytes_per_second: NonZeroU32::new(self.max_client_bytes_per_second),
+                burst: self.rate_limit_burst,
+            },
         }
     }
 

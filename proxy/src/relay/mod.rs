@@ -16,6 +16,7 @@ pub mod frame;
 mod judge;
 mod output;
 mod parser;
+pub mod rate;
 mod state;
 pub mod stream;
 
@@ -34,9 +35,10 @@ pub use stream::{Frame, FrameStream, Peer, PingFault, RecvError};
 use self::judge::{FromBackend, FromClient, Pong};
 use self::output::Output;
 use self::parser::{Fault, Parser, Processed};
+use self::rate::{RateLimits, SessionRate};
 use self::state::{BackendPhase, ClientPhase, ControlReply, State};
 use crate::backend::BackendConn;
-use crate::metrics::{Metrics, TO_BACKEND, TO_CLIENT};
+use crate::metrics::{LimitLabel, Metrics, TO_BACKEND, TO_CLIENT};
 
 /// Bytes queued toward one peer past which its source is no longer read.
 pub const QUEUE_LIMIT: usize = 64 << 10;
@@ -65,6 +67,8 @@ pub struct RelaySettings {
     /// Still nothing (not even the pong) this long after the ping: the
     /// client's link is presumed dead and its socket shut.
     pub pong_timeout: Duration,
+    /// What the client may send per second ([`rate`]).
+    pub rate: RateLimits,
 }
 
 impl RelaySettings {
@@ -144,6 +148,7 @@ where
         ping_sent: None,
         stalled_client: None,
         stalled_backend: None,
+        rate: SessionRate::new(&settings.rate),
         shutdown,
         metrics,
         _backend: PhantomData,
@@ -189,6 +194,8 @@ struct Relay<'a, C, B, L> {
     ping_sent: Option<Instant>,
     stalled_client: Option<Instant>,
     stalled_backend: Option<Instant>,
+    /// The session's rate-limit buckets, when limits are set.
+    rate: Option<Box<SessionRate>>,
     shutdown: &'a tokio_util::sync::CancellationToken,
     /// Message counts are added here on each tick and at the end, not per
     /// message (the counters' cache lines are shared by every session).
@@ -698,9 +705,23 @@ where
 
     fn on_tick(&mut self, now: Instant) {
         // Messages relayed since the last tick (before the counts are flushed).
-        let data_heard = self.state.counts.to_backend.0 > 0;
+        let (messages, bytes) = self.state.counts.to_backend;
+        let data_heard = messages > 0;
         self.flush_counts();
         let st = &mut self.state;
+        if let Some(rate) = &self.rate
+            && let Err(exceeded) = rate.charge(messages, bytes)
+            && st.client_takes_data()
+        {
+            tracing::info!(session = %st.id, limit = exceeded.label(), "client past its rate limit");
+            self.metrics
+                .rate_limited
+                .get_or_create(&LimitLabel {
+                    limit: exceeded.label(),
+                })
+                .inc();
+            st.rate_limited();
+        }
         if self.shutdown.is_cancelled() && st.client_takes_data() {
             st.shutdown();
         }
@@ -821,6 +842,7 @@ mod tests {
             max_message_size: 2 << 20,
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(10),
+            rate: RateLimits::OFF,
         }
     }
 

@@ -318,6 +318,13 @@ impl State {
         self.close_client(Some(1001), "idle timeout", false, false);
     }
 
+    /// The client sent past a rate limit: 1008, its data is over (what it
+    /// sent before is relayed and the backend fenced as at any end).
+    pub fn rate_limited(&mut self) {
+        self.outcome("rate_limited");
+        self.close_client(Some(1008), "rate limit exceeded", false, false);
+    }
+
     pub fn slow_client(&mut self) {
         self.outcome("slow_client");
         self.close_client(Some(1008), "client too slow", true, false);
