@@ -50,6 +50,10 @@ pub struct Metrics {
     pub relay_dropped: Family<ReasonLabel, Counter>,
     /// How the proxy's side of client close handshakes ended.
     pub client_closes: Family<OutcomeLabel, Counter>,
+    /// JWT key files re-read after a change, by outcome (ok, error).
+    pub jwt_key_reloads: Family<OutcomeLabel, Counter>,
+    /// JWT verification keys in use.
+    pub jwt_keys: Gauge,
     pub acquire_wait_seconds: Histogram,
     pub session_seconds: Histogram,
     registry: Registry,
@@ -86,6 +90,8 @@ impl Metrics {
             refused: Family::default(),
             relay_dropped: Family::default(),
             client_closes: Family::default(),
+            jwt_key_reloads: Family::default(),
+            jwt_keys: Gauge::default(),
             acquire_wait_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             session_seconds: Histogram::new(exponential_buckets(0.1, 4.0, 10)),
             registry: Registry::default(),
@@ -122,7 +128,9 @@ impl Metrics {
         );
         registry.register(
             "refused",
-            "Client requests refused before the upgrade, by reason",
+            "Client requests refused before the upgrade, by reason (JWT refusals as jwt_*: \
+             malformed, bad_algorithm, unknown_key, bad_signature, expired, not_yet_valid, \
+             wrong_audience, wrong_issuer, missing_claim)",
             m.refused.clone(),
         );
         registry.register(
@@ -139,6 +147,17 @@ impl Metrics {
              answered in time, not_sent: the socket was shut without a Close frame, \
              vanished: the client's stream ended without a close handshake)",
             m.client_closes.clone(),
+        );
+        registry.register(
+            "jwt_key_reloads",
+            "Changes of the JWT key files, by outcome (ok: the new keys are in use; error: \
+             they did not load and the previous keys stay)",
+            m.jwt_key_reloads.clone(),
+        );
+        registry.register(
+            "jwt_keys",
+            "JWT verification keys in use",
+            m.jwt_keys.clone(),
         );
         registry.register(
             "acquire_wait_seconds",
