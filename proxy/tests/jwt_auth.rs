@@ -899,3 +899,52 @@ async fn node_ws_sends_the_token_as_a_subprotocol() {
     })
     .await;
 }
+
+/// Headless Chromium sends the token as a subprotocol beside `stt`: the
+/// browser accepts the answer `stt`, streams, and sees the proxy's close 1000
+/// with `wasClean`; offering only the token protocol fails the handshake.
+/// Skipped with a printed reason without Chromium, unless `REQUIRE_CLIENTS=1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_sends_the_token_as_a_subprotocol() {
+    let bin = match support::clients::chromium_binary() {
+        Ok(bin) => bin,
+        Err(reason) => {
+            support::clients::skip_or_fail(&format!("Chromium: {reason}"));
+            return;
+        }
+    };
+    bounded(Duration::from_secs(90), async {
+        let h = start_with_jwt().await;
+        let token = sign(Algorithm::ES256, &ec("ec_a"), None, &good_claims());
+        let mut browser = support::clients::Chromium::launch(&bin).await;
+        let page =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/bearer_subprotocol_page.js");
+        let source = std::fs::read_to_string(page).unwrap();
+        let expression = format!(
+            "({})({}, {})",
+            source.trim().trim_end_matches(';'),
+            Value::from(h.ws_url()),
+            Value::from(token)
+        );
+        let value = within(
+            Duration::from_secs(30),
+            "the Chromium page's sessions",
+            browser.evaluate(&expression),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("evaluating in Chromium: {e}"));
+        drop(browser);
+        let lines: Vec<Value> = serde_json::from_str(value.as_str().unwrap()).unwrap();
+        eprintln!("chromium: {lines:?}");
+        let with = lines.iter().find(|l| l["case"] == "stt+token").unwrap();
+        assert_eq!(with["protocol"], "stt", "{with}");
+        assert_eq!(with["echoed"], true, "{with}");
+        assert_eq!(with["code"], 1000, "{with}");
+        assert_eq!(with["wasClean"], true, "{with}");
+        let lone = lines.iter().find(|l| l["case"] == "token only").unwrap();
+        assert_eq!(lone["opened"], false, "{lone}");
+        assert_eq!(lone["code"], 1006, "{lone}");
+        h.stop().await;
+    })
+    .await;
+}
