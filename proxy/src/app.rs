@@ -178,6 +178,7 @@ impl Proxy {
             settings.jwt.as_ref(),
         )?;
         if let (Some(seen), Some(jwt)) = (key_watch, &settings.jwt) {
+            metrics.jwt_keys.set(seen.store.key_count());
             background.spawn(keys::watch(
                 seen,
                 jwt.reload_interval,

@@ -646,7 +646,8 @@ async fn a_rotated_jwks_file_is_picked_up_and_a_bad_one_keeps_the_old_keys() {
     .await;
 }
 
-/// A rotated RSA public key file is picked up the same way.
+/// A rotated RSA public key file is picked up the same way; a deleted one
+/// keeps the key in use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_pem_file_is_picked_up() {
     bounded(TEST_LIMIT, async {
@@ -681,6 +682,16 @@ async fn a_rotated_pem_file_is_picked_up() {
         .await;
         assert_eq!(bearer_status(h.listen, &b).await, 101);
         assert_eq!(bearer_status(h.listen, &a).await, 401);
+        // The file gone (a botched deploy): counted, the key stays.
+        std::fs::remove_file(&path).unwrap();
+        eventually(STEP, "the missing key file counted", || async move {
+            metrics(admin)
+                .await
+                .count("sttproxy_jwt_key_reloads_total{outcome=\"error\"}")
+                == 1.0
+        })
+        .await;
+        assert_eq!(bearer_status(h.listen, &b).await, 101);
         h.stop().await;
     })
     .await;

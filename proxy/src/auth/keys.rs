@@ -273,6 +273,11 @@ impl KeyStore {
         }
     }
 
+    /// Keys in use now (the `sttproxy_jwt_keys` gauge).
+    pub fn key_count(&self) -> i64 {
+        i64::try_from(self.current().keys.len()).unwrap_or(i64::MAX)
+    }
+
     fn replace(&self, set: KeySet) {
         let set = Arc::new(set);
         match self.current.write() {
@@ -300,43 +305,40 @@ pub async fn watch(
     stop: CancellationToken,
 ) {
     let store = seen.store.clone();
-    metrics.jwt_keys.set(key_count(&store));
     loop {
         tokio::select! {
             biased;
             () = stop.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
+        // File reads and key parsing are blocking work: off the runtime's
+        // workers. Keys are parsed only when the bytes changed.
         let files = store.files.clone();
-        // File reads and RSA parsing are blocking work: off the runtime's workers.
-        let read = tokio::task::spawn_blocking(move || {
-            let contents = read_all(&files);
-            let parsed = contents
-                .as_ref()
-                .map_err(Clone::clone)
-                .and_then(|c| parse_all(&files, c));
-            (contents, parsed)
-        });
-        let (contents, parsed) = tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            r = read => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "JWT key reload task failed");
-                    continue;
-                }
-            },
+        let contents = match off_runtime(&stop, move || read_all(&files)).await {
+            Some(Ok(c)) => c,
+            Some(Err(())) => continue,
+            None => return,
         };
         if contents == seen.last_seen {
             continue;
         }
+        let parsed = match &contents {
+            Err(e) => Err(e.clone()),
+            Ok(c) => {
+                let (files, c) = (store.files.clone(), c.clone());
+                match off_runtime(&stop, move || parse_all(&files, &c)).await {
+                    Some(Ok(parsed)) => parsed,
+                    Some(Err(())) => continue,
+                    None => return,
+                }
+            }
+        };
         seen.last_seen = contents;
         let outcome = match parsed {
             Ok(set) => {
                 let n = set.keys.len();
                 store.replace(set);
-                metrics.jwt_keys.set(key_count(&store));
+                metrics.jwt_keys.set(store.key_count());
                 tracing::info!(keys = n, "JWT keys reloaded");
                 "ok"
             }
@@ -352,8 +354,19 @@ pub async fn watch(
     }
 }
 
-fn key_count(store: &KeyStore) -> i64 {
-    i64::try_from(store.current().keys.len()).unwrap_or(i64::MAX)
+/// Run `f` on the blocking pool: `None` when `stop` fires first,
+/// `Some(Err(()))` (logged) when it panicked.
+async fn off_runtime<T: Send + 'static>(
+    stop: &CancellationToken,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<Result<T, ()>> {
+    tokio::select! {
+        biased;
+        () = stop.cancelled() => None,
+        r = tokio::task::spawn_blocking(f) => Some(r.map_err(|e| {
+            tracing::error!(error = %e, "JWT key reload failed");
+        })),
+    }
 }
 
 #[cfg(test)]
