@@ -151,6 +151,16 @@ async fn bearer_status(addr: SocketAddr, token: &str) -> u16 {
         .status
 }
 
+/// Wait until `sttproxy_jwt_key_reloads_total{outcome}` reads `n`.
+async fn reloads_reach(admin: SocketAddr, outcome: &str, n: f64) {
+    let series = format!("sttproxy_jwt_key_reloads_total{{outcome=\"{outcome}\"}}");
+    let series = series.as_str();
+    eventually(STEP, format_args!("{series} = {n}"), || async move {
+        metrics(admin).await.count(series) == n
+    })
+    .await;
+}
+
 /// An upgrade request answered: its status, response head and body, and the
 /// WebSocket when it was 101.
 struct Answer {
@@ -597,12 +607,8 @@ async fn a_rotated_jwks_file_is_picked_up_and_a_bad_one_keeps_the_old_keys() {
                 (&ec_b, Algorithm::ES256, "e2"),
             ]),
         );
-        let ok = "sttproxy_jwt_key_reloads_total{outcome=\"ok\"}";
         let admin = h.admin;
-        eventually(STEP, "the rotated JWKS loaded", || async move {
-            metrics(admin).await.count(ok) == 1.0
-        })
-        .await;
+        reloads_reach(admin, "ok", 1.0).await;
         assert_eq!(
             bearer_status(h.listen, &e2).await,
             101,
@@ -621,11 +627,7 @@ async fn a_rotated_jwks_file_is_picked_up_and_a_bad_one_keeps_the_old_keys() {
 
         // A broken file: counted, logged, the keys stay.
         replace_file(&path, b"{\"keys\": [ this is not JSON");
-        let error = "sttproxy_jwt_key_reloads_total{outcome=\"error\"}";
-        eventually(STEP, "the broken JWKS refused", || async move {
-            metrics(admin).await.count(error) == 1.0
-        })
-        .await;
+        reloads_reach(admin, "error", 1.0).await;
         assert_eq!(
             bearer_status(h.listen, &e2).await,
             101,
@@ -634,13 +636,16 @@ async fn a_rotated_jwks_file_is_picked_up_and_a_bad_one_keeps_the_old_keys() {
         assert_eq!(metrics(h.admin).await.get("sttproxy_jwt_keys"), 2.0);
         // And a repaired file is taken again.
         replace_file(&path, &jwks(&[(&ec_a, Algorithm::ES256, "e1")]));
-        eventually(STEP, "the repaired JWKS loaded", || async move {
-            metrics(admin).await.count(ok) == 2.0
-        })
-        .await;
+        reloads_reach(admin, "ok", 2.0).await;
         assert_eq!(bearer_status(h.listen, &e1).await, 101);
         assert_eq!(bearer_status(h.listen, &e2).await, 401);
-        assert_eq!(metrics(h.admin).await.count(error), 1.0, "counted once");
+        assert_eq!(
+            metrics(h.admin)
+                .await
+                .count("sttproxy_jwt_key_reloads_total{outcome=\"error\"}"),
+            1.0,
+            "counted once"
+        );
         h.stop().await;
     })
     .await;
@@ -673,24 +678,12 @@ async fn a_rotated_pem_file_is_picked_up() {
             &std::fs::read(keys_dir().join("rsa_b.pub.pem")).unwrap(),
         );
         let admin = h.admin;
-        eventually(STEP, "the rotated key loaded", || async move {
-            metrics(admin)
-                .await
-                .count("sttproxy_jwt_key_reloads_total{outcome=\"ok\"}")
-                == 1.0
-        })
-        .await;
+        reloads_reach(admin, "ok", 1.0).await;
         assert_eq!(bearer_status(h.listen, &b).await, 101);
         assert_eq!(bearer_status(h.listen, &a).await, 401);
         // The file gone (a botched deploy): counted, the key stays.
         std::fs::remove_file(&path).unwrap();
-        eventually(STEP, "the missing key file counted", || async move {
-            metrics(admin)
-                .await
-                .count("sttproxy_jwt_key_reloads_total{outcome=\"error\"}")
-                == 1.0
-        })
-        .await;
+        reloads_reach(admin, "error", 1.0).await;
         assert_eq!(bearer_status(h.listen, &b).await, 101);
         h.stop().await;
     })
