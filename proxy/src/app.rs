@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminContext};
+use crate::auth::{AuthError, Authenticator, keys};
 use crate::backend::BackendPool;
 use crate::backends::Backends;
 use crate::config::Settings;
@@ -29,6 +30,8 @@ use crate::session::SessionContext;
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("binding {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -169,6 +172,20 @@ impl Proxy {
                 )
             }
         };
+        let (auth, key_watch) = Authenticator::new(
+            settings.auth_mode()?,
+            settings.api_keys.clone(),
+            settings.jwt.as_ref(),
+        )?;
+        if let (Some(seen), Some(jwt)) = (key_watch, &settings.jwt) {
+            metrics.jwt_keys.set(seen.store.key_count());
+            background.spawn(keys::watch(
+                seen,
+                jwt.reload_interval,
+                metrics.clone(),
+                background_stop.clone(),
+            ));
+        }
         let draining = Arc::new(AtomicBool::new(false));
         let sessions_stop = CancellationToken::new();
         let server = Arc::new(ServerContext::new(
@@ -182,7 +199,7 @@ impl Proxy {
             settings.handshake_timeout,
             settings.max_connections,
             settings.max_connections_per_ip,
-            settings.api_keys.clone(),
+            auth,
             OriginPolicy::new(&settings.allowed_origins, settings.allow_missing_origin),
             settings.handshake_limits(),
             draining.clone(),

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod backend;
 pub mod backends;
 pub mod config;

@@ -57,6 +57,10 @@ pub struct Metrics {
     pub client_closes: Family<OutcomeLabel, Counter>,
     /// Sessions closed for going past a rate limit, by limit.
     pub rate_limited: Family<LimitLabel, Counter>,
+    /// JWT key files re-read after a change, by outcome (ok, error).
+    pub jwt_key_reloads: Family<OutcomeLabel, Counter>,
+    /// JWT verification keys in use.
+    pub jwt_keys: Gauge,
     pub acquire_wait_seconds: Histogram,
     pub session_seconds: Histogram,
     registry: Registry,
@@ -94,6 +98,8 @@ impl Metrics {
             relay_dropped: Family::default(),
             client_closes: Family::default(),
             rate_limited: Family::default(),
+            jwt_key_reloads: Family::default(),
+            jwt_keys: Gauge::default(),
             acquire_wait_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             session_seconds: Histogram::new(exponential_buckets(0.1, 4.0, 10)),
             registry: Registry::default(),
@@ -130,7 +136,9 @@ impl Metrics {
         );
         registry.register(
             "refused",
-            "Client requests refused before the upgrade, by reason",
+            "Client requests refused before the upgrade, by reason (JWT refusals as jwt_*: \
+             malformed, bad_algorithm, unknown_key, bad_signature, expired, not_yet_valid, \
+             wrong_audience, wrong_issuer, missing_claim)",
             m.refused.clone(),
         );
         registry.register(
@@ -153,6 +161,17 @@ impl Metrics {
             "Client sessions closed with 1008 for sending past a rate limit, by limit \
              (messages, bytes)",
             m.rate_limited.clone(),
+        );
+        registry.register(
+            "jwt_key_reloads",
+            "Changes of the JWT key files, by outcome (ok: the new keys are in use; error: \
+             they did not load and the previous keys stay)",
+            m.jwt_key_reloads.clone(),
+        );
+        registry.register(
+            "jwt_keys",
+            "JWT verification keys in use",
+            m.jwt_keys.clone(),
         );
         registry.register(
             "acquire_wait_seconds",

@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Authenticator;
 use crate::handshake::{self, HandshakeLimits, OriginPolicy, Refusal};
 use crate::metrics::OutcomeLabel;
 use crate::relay::{FrameStream, Peer};
@@ -41,7 +42,7 @@ pub struct ServerContext {
     pub handshake_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
-    pub api_keys: Vec<String>,
+    pub auth: Authenticator,
     pub origins: OriginPolicy,
     pub limits: HandshakeLimits,
     /// Set at shutdown: new upgrades get 503.
@@ -58,7 +59,7 @@ impl ServerContext {
         handshake_timeout: Duration,
         max_connections: usize,
         max_connections_per_ip: usize,
-        api_keys: Vec<String>,
+        auth: Authenticator,
         origins: OriginPolicy,
         limits: HandshakeLimits,
         draining: Arc<AtomicBool>,
@@ -69,7 +70,7 @@ impl ServerContext {
             handshake_timeout,
             max_connections,
             max_connections_per_ip,
-            api_keys,
+            auth,
             origins,
             limits,
             draining,
@@ -320,27 +321,6 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
     })
 }
 
-fn authorized(req: &Request<Incoming>, keys: &[String]) -> bool {
-    if keys.is_empty() {
-        return true;
-    }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()));
-    presented.is_some_and(|p| {
-        keys.iter()
-            .any(|k| constant_time_eq(k.as_bytes(), p.as_bytes()))
-    })
-}
-
-/// Compare secrets without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn respond(
     mut req: Request<Incoming>,
     ctx: &ServerContext,
@@ -400,13 +380,19 @@ fn respond(
     if !handshake::valid_websocket_key(&key) {
         return refuse(ctx, StatusCode::BAD_REQUEST, "invalid Sec-WebSocket-Key");
     }
-    if !authorized(&req, &ctx.api_keys) {
-        return refuse(
-            ctx,
-            StatusCode::UNAUTHORIZED,
-            "missing or invalid credentials",
-        );
-    }
+    let granted = match ctx.auth.check(req.headers(), req.uri().query()) {
+        Ok(granted) => granted,
+        Err(denied) => {
+            let mut r = refuse_as(ctx, denied.refusal);
+            if let Some(challenge) = denied.challenge {
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
+            }
+            return r;
+        }
+    };
     if !ctx.origins.permits(req.headers().get(header::ORIGIN)) {
         return refuse(ctx, StatusCode::FORBIDDEN, "origin not allowed");
     }
@@ -425,6 +411,8 @@ fn respond(
         .query()
         .map(|q| {
             form_urlencoded::parse(q.as_bytes())
+                // A token is for the proxy, never for a backend.
+                .filter(|(k, _)| !ctx.auth.is_token_parameter(k))
                 .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
                 .collect()
         })
@@ -441,6 +429,9 @@ fn respond(
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(protocol) = granted.protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
     }
     r
 }

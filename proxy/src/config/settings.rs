@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{AuthMode, JwtSettings};
 use crate::backend::health::HealthThresholds;
 use crate::backend::{BackendSpec, PoolTuning, Reuse};
 use crate::handshake::HandshakeLimits;
@@ -18,7 +19,7 @@ use crate::relay::rate::RateLimits;
 use crate::session::SessionSettings;
 
 /// Durations in the file are human strings: "250ms", "5s", "2m".
-mod human_duration {
+pub(crate) mod human_duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -47,9 +48,16 @@ pub struct Settings {
     pub max_connections: usize,
     /// Open client connections per IP address at most, 0 = no limit (beyond: HTTP 429).
     pub max_connections_per_ip: usize,
-    /// API keys accepted in `Authorization: Bearer <key>` or `x-api-key`;
-    /// empty = no authentication.
+    /// API keys accepted in `Authorization: Bearer <key>` or `x-api-key`.
     pub api_keys: Vec<String>,
+    /// What a client must present: `none`, `api_key`, `jwt` or `either`.
+    /// Unset: derived from what is configured (`api_keys` → `api_key`,
+    /// `[jwt]` → `jwt`, both → `either`, neither → `none`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthMode>,
+    /// JWT bearer tokens (see [`JwtSettings`]); absent = no JWT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtSettings>,
     /// Allowed `Origin` values; empty = any origin. Compared as origins
     /// (scheme and host case-insensitive, default port and trailing slash
     /// ignored).
@@ -176,6 +184,8 @@ impl Default for Settings {
             max_connections: 10_000,
             max_connections_per_ip: 0,
             api_keys: Vec::new(),
+            auth: None,
+            jwt: None,
             allowed_origins: Vec::new(),
             allow_missing_origin: true,
             max_request_head_bytes: HandshakeLimits::default().head_bytes,
@@ -311,6 +321,10 @@ impl Settings {
             return Err(ConfigError::Invalid("stream_path must start with /".into()));
         }
         self.validate_handshake_limits()?;
+        self.auth_mode()?;
+        if let Some(jwt) = &self.jwt {
+            jwt.validate().map_err(ConfigError::Invalid)?;
+        }
         if self.max_message_size < 1024 {
             return Err(ConfigError::Invalid(
                 "max_message_size must be at least 1024".into(),
@@ -350,6 +364,12 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The listener's authentication mode (see [`Settings::auth`]).
+    pub fn auth_mode(&self) -> Result<AuthMode, ConfigError> {
+        AuthMode::resolve(self.auth, !self.api_keys.is_empty(), self.jwt.is_some())
+            .map_err(ConfigError::Invalid)
     }
 
     pub fn handshake_limits(&self) -> HandshakeLimits {
