@@ -81,6 +81,8 @@ async fn a_new_migration_file_is_applied() {
         v
     };
     assert_eq!(versions().await, [1]);
+    // Migrated under the cross-process lock beside the file.
+    assert!(dir.path().join("m.db-migrate.lock").exists());
 
     let with_new_file = Migrator::new(folder.as_path()).await.unwrap();
     db.apply_migrations(&with_new_file).await.unwrap();

@@ -425,6 +425,8 @@ pub struct Db {
     pool: Pool,
     /// The URL with any password hidden.
     display: String,
+    /// SQLite in a file: the file (its migration lock sits beside it).
+    sqlite_file: Option<std::path::PathBuf>,
 }
 
 impl Db {
@@ -437,6 +439,7 @@ impl Db {
             url: display.clone(),
             error,
         };
+        let mut sqlite_file = None;
         let pool = match DbUrl::parse(url)? {
             DbUrl::Sqlite { url, memory } => {
                 let mut options = SqliteConnectOptions::from_str(&url)
@@ -452,6 +455,7 @@ impl Db {
                         .idle_timeout(None)
                         .max_lifetime(None);
                 } else {
+                    sqlite_file = Some(options.get_filename().to_path_buf());
                     // WAL: the proxy's reads never block `sttproxy backends` edits.
                     options = options.journal_mode(SqliteJournalMode::Wal);
                     pool = pool.max_connections(2);
@@ -470,7 +474,11 @@ impl Db {
                 Pool::Postgres(pool)
             }
         };
-        Ok(Self { pool, display })
+        Ok(Self {
+            pool,
+            display,
+            sqlite_file,
+        })
     }
 
     /// Connect and run the migrations.
@@ -599,16 +607,14 @@ impl Db {
         let result = match &self.pool {
             Pool::Postgres(p) => migrator.run(p).await,
             Pool::Sqlite(p) => {
-                let file = p.connect_options().get_filename().to_path_buf();
-                let _lock = if self.is_sqlite_file() {
-                    Some(MigrationLock::acquire(&file).await.map_err(|error| {
+                let _lock = match &self.sqlite_file {
+                    Some(file) => Some(MigrationLock::acquire(file).await.map_err(|error| {
                         DbError::MigrationLock {
                             url: self.display.clone(),
                             error,
                         }
-                    })?)
-                } else {
-                    None
+                    })?),
+                    None => None,
                 };
                 async {
                     let mut tx = p.begin_with(SQLITE.begin_write).await?;
@@ -624,20 +630,6 @@ impl Db {
             }
         };
         result.map_err(migrate_error)
-    }
-
-    /// SQLite in a file (not `:memory:`).
-    fn is_sqlite_file(&self) -> bool {
-        match &self.pool {
-            Pool::Sqlite(p) => {
-                let options = p.connect_options();
-                let name = options.get_filename().to_string_lossy();
-                !(name.is_empty()
-                    || name.contains(":memory:")
-                    || self.display.contains("mode=memory"))
-            }
-            Pool::Postgres(_) => false,
-        }
     }
 
     /// The change counter: bumped by a trigger on every change of the table.
