@@ -512,6 +512,10 @@ async fn pg_sslmode_is_honoured() {
             .await
             .unwrap();
         let server_ssl = server_ssl == "on";
+        let cert_file: String = sqlx::query_scalar("SHOW ssl_cert_file")
+            .fetch_one(&mut observer)
+            .await
+            .unwrap();
         eprintln!("server ssl = {server_ssl}");
         let url = |mode: &str| {
             let sep = if pg.url.contains('?') { '&' } else { '?' };
@@ -547,6 +551,16 @@ async fn pg_sslmode_is_honoured() {
                 !err.contains("certificate: certificate"),
                 "cause repeated: {err}"
             );
+            // Its own certificate given as the root (`sslrootcert`), where this
+            // process can read the server's certificate file (a local server).
+            if std::fs::metadata(&cert_file).is_ok() {
+                let mode = format!("verify-ca&sslrootcert={cert_file}");
+                let got = ssl_of(&mode).await;
+                eprintln!("sslmode={mode}: {got:?}");
+                assert_eq!(got, Ok(true));
+            } else {
+                eprintln!("sslrootcert not tried: {cert_file} is not readable here");
+            }
         } else {
             let err = ssl_of("require").await.unwrap_err();
             assert!(
