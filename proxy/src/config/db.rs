@@ -6,11 +6,12 @@
 //! [`Db::rows`] the full read) and the edits of `sttproxy backends`.
 //!
 //! Runtime queries only, no compile-time checked macros: a fresh clone builds
-//! without a database. The migrations are the files of `proxy/migrations/<kind>`,
-//! embedded at build time by `sqlx::migrate!` (a new `0002_*.sql` there is
-//! applied by the next start of a proxy or of `sttproxy backends`). The same SQL text serves both kinds where it can (SQLite
-//! accepts PostgreSQL's `$1` placeholders); [`on_pool!`] runs one body against
-//! whichever pool this is.
+//! without a database. The migrations are the files of
+//! `proxy/migrations/<kind>`, embedded at build time by `sqlx::migrate!` (a
+//! new `0002_*.sql` there is applied by the next start of a proxy or of
+//! `sttproxy backends`). The same SQL text serves both kinds where it can
+//! (SQLite accepts PostgreSQL's `$1` placeholders); [`on_pool!`] runs one body
+//! against whichever pool this is.
 
 use std::error::Error as StdError;
 use std::fmt;
