@@ -138,7 +138,8 @@ impl Proxy {
                     settings.sync_interval,
                     settings.backend_specs(),
                 )
-                .seeds_must_match(settings.seeds_from_flags);
+                .seeds_must_match(settings.seeds_from_flags)
+                .listener_check_interval(settings.db_listener_check_interval);
                 if let Err(e) = sync.sync_once().await {
                     if sync.db().kind() == DbKind::Sqlite
                         || matches!(e, DbError::SeedConflict { .. })

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sttproxy::backend::{BackendSpec, Reuse};
-use sttproxy::config::db::{BackendPatch, Db, DbUrl, RowRead, redact};
+use sttproxy::config::db::{BackendPatch, Db, RowRead, full_message, redact};
 use sttproxy::config::{BackendEntry, LogFormat, Settings};
 
 #[derive(Parser, Debug)]
@@ -40,11 +40,20 @@ enum Command {
 const DEFAULT_TARGET: usize = 16;
 const DEFAULT_MAX: usize = 1024;
 
+/// Which backend table a `backends` command edits: the one `sttproxy serve`
+/// uses given the same --db / STTPROXY_DB / --config, in the same working
+/// directory ([`Settings::db_url`] decides for both).
 #[derive(Args, Debug)]
 struct DbArg {
-    /// Backend table: sqlite://PATH or postgres://USER@HOST/DATABASE (created and migrated if needed).
+    /// Backend table: sqlite://PATH or postgres://USER@HOST/DATABASE (created
+    /// and migrated if needed) [default: as `sttproxy serve`: the settings
+    /// file's `db`, else sqlite://<dir of --config, or the current dir>/sttproxy.db].
     #[arg(long, env = "STTPROXY_DB", value_name = "URL")]
-    db: String,
+    db: Option<String>,
+    /// The settings file the proxy runs with: its `db` names the table, and
+    /// the default table file sits beside it.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -208,24 +217,11 @@ fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
         log_format,
         sync_interval
     );
-    if let Some(db) = &args.db {
-        s.db = Some(db.clone());
-    }
-    if s.db.is_none() {
-        let dir = match &args.config {
-            Some(path) => path
-                .parent()
-                .map(std::path::Path::to_path_buf)
-                .unwrap_or_default(),
-            None => PathBuf::new(),
-        };
-        let dir = if dir.as_os_str().is_empty() {
-            std::env::current_dir().context("finding the current directory")?
-        } else {
-            std::path::absolute(&dir).with_context(|| format!("resolving {}", dir.display()))?
-        };
-        s.db = Some(DbUrl::sqlite_file(&dir.join("sttproxy.db")));
-    }
+    s.db = Some(Settings::db_url(
+        args.db.as_deref(),
+        args.config.as_deref(),
+        Some(&s),
+    )?);
     s.seeds_from_flags = !args.backends.is_empty();
     for url in &args.backends {
         s.backends.push(BackendEntry {
@@ -300,8 +296,9 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // The cause chain on one line, whatever RUST_BACKTRACE says.
-            eprintln!("error: {e:#}");
+            // The cause chain on one line, whatever RUST_BACKTRACE says;
+            // each cause once (many errors both print and chain theirs).
+            eprintln!("error: {}", full_message(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
@@ -318,8 +315,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Open the table `db` names (see [`DbArg`]). When the user named none, says
+/// on stderr which one it is: the default depends on the working directory.
 async fn open(db: &DbArg) -> anyhow::Result<Db> {
-    Ok(Db::open(&db.db).await?)
+    let file = db.config.as_deref().map(Settings::load).transpose()?;
+    let url = Settings::db_url(db.db.as_deref(), db.config.as_deref(), file.as_ref())?;
+    if db.db.is_none() {
+        let from = if file.as_ref().is_some_and(|f| f.db.is_some()) {
+            "the settings file's `db`"
+        } else {
+            "the default of `sttproxy serve` here"
+        };
+        eprintln!(
+            "backend table {} ({from}; --db or STTPROXY_DB names another)",
+            redact(&url)
+        );
+    }
+    Ok(Db::open(&url).await?)
 }
 
 async fn backends(cmd: BackendsCommand) -> anyhow::Result<()> {

@@ -363,6 +363,15 @@ impl Collector for ConfigCollector {
             None,
             MetricType::Counter,
         )?)?;
+        if let Some(up) = s.listener_connected() {
+            ConstGauge::new(i64::from(up)).encode(encoder.encode_descriptor(
+                "db_listener_connected",
+                "PostgreSQL: 1 while the LISTEN connection that pushes backend table changes is up \
+                 and answered within db_listener_check_interval (0: changes arrive by polling only)",
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
         Ok(())
     }
 }

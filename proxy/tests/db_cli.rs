@@ -20,19 +20,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_sttproxy");
 
 /// Run `sttproxy backends ARGS --db DB`: (success, stdout, stderr).
 fn backends(db: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .arg("backends")
-        .args(args)
-        .args(["--db", db])
-        .env_remove("STTPROXY_DB")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut args = args.to_vec();
+    args.extend(["--db", db]);
+    backends_in(std::path::Path::new("."), None, &args)
 }
 
 fn ok(db: &str, args: &[&str]) -> String {
@@ -251,6 +241,118 @@ fn concurrent_edits_of_one_sqlite_table_all_succeed() {
     }
 }
 
+/// Run `sttproxy backends ARGS` in `dir` with no --db, `STTPROXY_DB` as
+/// given: (success, stdout, stderr).
+fn backends_in(
+    dir: &std::path::Path,
+    env_db: Option<&str>,
+    args: &[&str],
+) -> (bool, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("backends")
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_BACKTRACE", "0");
+    match env_db {
+        Some(db) => cmd.env("STTPROXY_DB", db),
+        None => cmd.env_remove("STTPROXY_DB"),
+    };
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Without --db, `backends` picks the table `serve` would pick from the same
+/// place: ./sttproxy.db, or beside --config, or the settings file's `db`;
+/// STTPROXY_DB and --db win over the file. It says on stderr which table.
+#[test]
+fn backends_default_to_the_table_of_serve() {
+    let dir = TempDir::new("cli-default");
+    let root = dir.path();
+    let ids_in = |file: &str| -> Vec<String> {
+        list(&dir.sqlite_url(file))
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // No flags: ./sttproxy.db, as `sttproxy serve` with no flags.
+    let (success, _, err) = backends_in(
+        root,
+        None,
+        &["add", "--url", "ws://127.0.0.1:1", "--id", "here"],
+    );
+    assert!(success, "{err}");
+    assert!(
+        err.contains(&format!("backend table {}", dir.sqlite_url("sttproxy.db")))
+            && err.contains("the default of `sttproxy serve` here"),
+        "{err}"
+    );
+    assert_eq!(ids_in("sttproxy.db"), ["here"]);
+
+    // --config etc/sttproxy.toml: etc/sttproxy.db.
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/sttproxy.toml"), "sync_interval = \"1s\"\n").unwrap();
+    let (success, _, err) = backends_in(
+        root,
+        None,
+        &[
+            "add",
+            "--config",
+            "etc/sttproxy.toml",
+            "--url",
+            "ws://127.0.0.1:1",
+            "--id",
+            "beside",
+        ],
+    );
+    assert!(success, "{err}");
+    assert_eq!(ids_in("etc/sttproxy.db"), ["beside"]);
+
+    // The settings file names a table: that one.
+    let named = dir.sqlite_url("named.db");
+    std::fs::write(root.join("named.toml"), format!("db = \"{named}\"\n")).unwrap();
+    let (success, out, err) = backends_in(root, None, &["list", "-c", "named.toml"]);
+    assert!(success && out.contains("(no backends)"), "{out} {err}");
+    assert!(err.contains("the settings file's `db`"), "{err}");
+    assert!(std::path::Path::new(&root.join("named.db")).exists());
+
+    // STTPROXY_DB wins over the file, silently (the user named it).
+    let (success, out, err) = backends_in(
+        root,
+        Some(&dir.sqlite_url("sttproxy.db")),
+        &["list", "-c", "named.toml", "--format", "json"],
+    );
+    assert!(success && out.contains("\"here\""), "{out} {err}");
+    assert!(!err.contains("backend table"), "{err}");
+
+    // A settings file that cannot be read is an error, said once.
+    let (success, _, err) = backends_in(root, None, &["list", "-c", "missing.toml"]);
+    assert!(!success);
+    assert!(err.contains("reading missing.toml"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
+/// Errors print each cause once: a database that refuses connections, a file
+/// that is not a database.
+#[test]
+fn cli_errors_print_each_cause_once() {
+    let (success, _, err) = backends("postgres://nobody@127.0.0.1:1/x", &["list"]);
+    assert!(!success);
+    assert!(err.starts_with("error: "), "{err}");
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let dir = TempDir::new("cli-errors");
+    std::fs::write(dir.path().join("junk.db"), vec![b'x'; 4096]).unwrap();
+    let (success, _, err) = backends(&dir.sqlite_url("junk.db"), &["list"]);
+    assert!(!success);
+    assert_eq!(err.matches("not a database").count(), 1, "{err}");
+}
+
 #[test]
 fn backends_subcommands_on_sqlite() {
     let dir = TempDir::new("cli");
@@ -397,12 +499,21 @@ async fn serve_defaults_to_sqlite_next_to_the_settings_file() {
 
         let db = sttproxy::config::db::DbUrl::sqlite_file(&db_file);
         let b_url = b.url();
-        let db2 = db.clone();
-        tokio::task::spawn_blocking(move || {
-            ok(&db2, &["add", "--url", &b_url, "--id", "b", "--target", "1", "--max", "2"])
+        // `backends` given the same --config edits the same table.
+        let root = dir.path().to_path_buf();
+        let (success, _, err) = tokio::task::spawn_blocking(move || {
+            backends_in(
+                &root,
+                None,
+                &[
+                    "add", "--config", "etc/sttproxy.toml", "--url", &b_url, "--id", "b",
+                    "--target", "1", "--max", "2",
+                ],
+            )
         })
         .await
         .unwrap();
+        assert!(success, "{err}");
         eventually(Duration::from_secs(3), "b added live", || async {
             ids(&pools(serve.admin).await) == ["a", "b"]
         })

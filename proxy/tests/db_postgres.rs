@@ -408,3 +408,168 @@ async fn pg_start_while_the_database_is_down() {
     .await;
     pg.drop_db().await;
 }
+
+/// A LISTEN connection that goes silent without closing — half-open: the
+/// forwarder between the proxy and PostgreSQL stops forwarding and keeps both
+/// sockets open, so no read or write ever fails — is declared lost within
+/// `db_listener_check_interval` (`sttproxy_db_listener_connected` 0, /readyz
+/// says so). Once traffic flows again the listener reconnects, catches up
+/// with the change made while it was away, and pushes changes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_half_open_listen_connection_is_detected_and_replaced() {
+    init_tracing();
+    let Some(pg) = pg_db("halfopen").await else {
+        return;
+    };
+    bounded(Duration::from_secs(60), async {
+        let direct = Db::open(&pg.url).await.unwrap();
+        let a = echo().await;
+        let forwarder = Forwarder::start(pg_addr(&pg.url)).await;
+        let via_forwarder = with_host(&pg.url, forwarder.addr);
+        let check = Duration::from_millis(1000);
+        let mut s = settings(&via_forwarder, SLOW_POLL);
+        s.db_listener_check_interval = check;
+        let proxy = Proxy::start(&s).await.unwrap();
+        let admin = proxy.admin_addr();
+        let gauge = || async move { metric(admin, "sttproxy_db_listener_connected").await };
+        eventually(Duration::from_secs(5), "listener connected", || async {
+            gauge().await == Some(1.0)
+        })
+        .await;
+        // Pushed: applied within a second while polling is every 30 s.
+        direct.add(&spec("a", &a.url(), 1, 2)).await.unwrap();
+        eventually(Duration::from_secs(1), "a pushed", || async {
+            ids(&pools(admin).await) == ["a"]
+        })
+        .await;
+
+        forwarder.pause();
+        let paused_at = Instant::now();
+        let took = eventually(
+            check + Duration::from_millis(500),
+            "the silent LISTEN connection found",
+            || async { gauge().await == Some(0.0) },
+        )
+        .await;
+        eprintln!(
+            "half-open LISTEN connection found {took:?} after the pause (check interval {check:?})"
+        );
+        assert!(
+            paused_at.elapsed() >= check / 2,
+            "found before any check could fail"
+        );
+        let (status, body) = http_get(admin, "/readyz").await;
+        assert!(
+            status == 200 && body.contains("push (LISTEN) down"),
+            "{status} {body}"
+        );
+
+        // Made while the listener is away: nothing can push it.
+        direct.add(&spec("b", &a.url(), 1, 2)).await.unwrap();
+        forwarder.resume();
+        let took = eventually(
+            Duration::from_secs(15),
+            "listener back and the missed change caught up",
+            || async { gauge().await == Some(1.0) && ids(&pools(admin).await) == ["a", "b"] },
+        )
+        .await;
+        eprintln!("listener back and caught up {took:?} after the resume");
+        // The catch-up sync is done (it applied b): c can only arrive by push.
+        direct.add(&spec("c", &a.url(), 1, 2)).await.unwrap();
+        eventually(Duration::from_secs(1), "c pushed", || async {
+            ids(&pools(admin).await) == ["a", "b", "c"]
+        })
+        .await;
+        let (_, body) = http_get(admin, "/readyz").await;
+        assert!(!body.contains("push (LISTEN) down"), "{body}");
+
+        proxy.shutdown().await;
+        direct.close().await;
+        a.shutdown().await;
+    })
+    .await;
+    pg.drop_db().await;
+}
+
+/// The PostgreSQL connection's TLS follows the URL's `sslmode` (sqlx with
+/// rustls on ring, roots from webpki-roots). Seen from the server:
+/// `pg_stat_ssl` of the connections the proxy's pool opened. Adapts to the
+/// server: with `ssl = on`, require and prefer encrypt, disable does not, and
+/// verify-full refuses the server's certificate unless a root for it is given
+/// (`sslrootcert`); with `ssl = off`, require fails clearly and prefer falls
+/// back to plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_sslmode_is_honoured() {
+    use sqlx::Connection;
+    init_tracing();
+    let Some(pg) = pg_db("sslmode").await else {
+        return;
+    };
+    bounded(Duration::from_secs(60), async {
+        let mut observer = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+        let server_ssl: String = sqlx::query_scalar("SHOW ssl")
+            .fetch_one(&mut observer)
+            .await
+            .unwrap();
+        let server_ssl = server_ssl == "on";
+        let cert_file: String = sqlx::query_scalar("SHOW ssl_cert_file")
+            .fetch_one(&mut observer)
+            .await
+            .unwrap();
+        eprintln!("server ssl = {server_ssl}");
+        let url = |mode: &str| {
+            let sep = if pg.url.contains('?') { '&' } else { '?' };
+            format!("{}{sep}sslmode={mode}", pg.url)
+        };
+        // The ssl flag of the proxy's connections opened since `before`.
+        let ours = "SELECT s.pid, s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                    WHERE a.application_name = 'sttproxy' AND a.datname = current_database()";
+        let mut seen: std::collections::BTreeSet<i32> = std::collections::BTreeSet::new();
+        let mut ssl_of = async |mode: &str| -> Result<bool, String> {
+            let db = Db::open(&url(mode)).await.map_err(|e| e.to_string())?;
+            db.rows().await.map_err(|e| e.to_string())?;
+            let rows: Vec<(i32, bool)> =
+                sqlx::query_as(ours).fetch_all(&mut observer).await.unwrap();
+            db.close().await;
+            let new: Vec<bool> = rows
+                .into_iter()
+                .filter(|(pid, _)| seen.insert(*pid))
+                .map(|(_, ssl)| ssl)
+                .collect();
+            assert!(!new.is_empty(), "no connection of sslmode={mode} seen");
+            assert!(new.iter().all(|s| *s == new[0]), "{new:?}");
+            Ok(new[0])
+        };
+        assert_eq!(ssl_of("disable").await, Ok(false));
+        assert_eq!(ssl_of("prefer").await, Ok(server_ssl));
+        if server_ssl {
+            assert_eq!(ssl_of("require").await, Ok(true));
+            // No root for the server's certificate among webpki-roots.
+            let err = ssl_of("verify-full").await.unwrap_err();
+            assert!(err.contains("certificate"), "{err}");
+            assert!(
+                !err.contains("certificate: certificate"),
+                "cause repeated: {err}"
+            );
+            // Its own certificate given as the root (`sslrootcert`), where this
+            // process can read the server's certificate file (a local server).
+            if std::fs::metadata(&cert_file).is_ok() {
+                let mode = format!("verify-ca&sslrootcert={cert_file}");
+                let got = ssl_of(&mode).await;
+                eprintln!("sslmode={mode}: {got:?}");
+                assert_eq!(got, Ok(true));
+            } else {
+                eprintln!("sslrootcert not tried: {cert_file} is not readable here");
+            }
+        } else {
+            let err = ssl_of("require").await.unwrap_err();
+            assert!(
+                err.to_lowercase().contains("tls") || err.contains("ssl"),
+                "{err}"
+            );
+        }
+        let _ = observer.close().await;
+    })
+    .await;
+    pg.drop_db().await;
+}

@@ -390,3 +390,61 @@ async fn url_change_and_max_above_capacity_replace_the_pool() {
     })
     .await;
 }
+
+/// A running backend whose row turns bad keeps its last good configuration;
+/// disabled while still bad, it leaves the routed set and drains (a disabled
+/// row asks for nothing, whatever its values).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_row_then_disabled_leaves_the_routed_set() {
+    init_tracing();
+    bounded(Duration::from_secs(30), async {
+        use sqlx::Connection;
+        let dir = TempDir::new("baddisabled");
+        let url = dir.sqlite_url("backends.db");
+        let a = echo().await;
+        let db = Db::open(&url).await.unwrap();
+        db.add(&spec("a", &a.url(), 1, 2)).await.unwrap();
+        db.add(&spec("b", &a.url(), 1, 2)).await.unwrap();
+        let proxy = Proxy::start(&settings(&url, Duration::from_millis(100)))
+            .await
+            .unwrap();
+        let admin = proxy.admin_addr();
+        assert_eq!(ids(&pools(admin).await), ["a", "b"]);
+
+        let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("UPDATE backends SET max_size = 0 WHERE id = 'a'")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(5), "a's bad row rejected", || async {
+            metric(admin, "sttproxy_config_rejected_rows").await == Some(1.0)
+        })
+        .await;
+        assert_eq!(
+            ids(&pools(admin).await),
+            ["a", "b"],
+            "a keeps its last good configuration"
+        );
+
+        sqlx::query("UPDATE backends SET enabled = 0 WHERE id = 'a'")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        eventually(
+            Duration::from_secs(5),
+            "a disabled leaves the routed set",
+            || async { ids(&pools(admin).await) == ["b"] },
+        )
+        .await;
+        assert_eq!(
+            metric(admin, "sttproxy_config_rejected_rows").await,
+            Some(0.0)
+        );
+        short_session(proxy.listen_addr()).await.unwrap();
+        c.close().await.unwrap();
+        proxy.shutdown().await;
+        db.close().await;
+        a.shutdown().await;
+    })
+    .await;
+}

@@ -6,21 +6,24 @@
 //! [`Db::rows`] the full read) and the edits of `sttproxy backends`.
 //!
 //! Runtime queries only, no compile-time checked macros: a fresh clone builds
-//! without a database. The same SQL text serves both kinds where it can (SQLite
-//! accepts PostgreSQL's `$1` placeholders); [`on_pool!`] runs one body against
-//! whichever pool this is.
+//! without a database. The migrations are the files of
+//! `proxy/migrations/<kind>`, embedded at build time by `sqlx::migrate!` (a
+//! new `0002_*.sql` there is applied by the next start of a proxy or of
+//! `sttproxy backends`). The same SQL text serves both kinds where it can
+//! (SQLite accepts PostgreSQL's `$1` placeholders); [`on_pool!`] runs one body
+//! against whichever pool this is.
 
-use std::borrow::Cow;
+use std::error::Error as StdError;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::Row;
+use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use sqlx::{Row, SqlStr};
 
 use crate::backend::{BackendSpec, Reuse};
 
@@ -29,6 +32,11 @@ pub const NOTIFY_CHANNEL: &str = "sttproxy_backends";
 
 /// How long a query waits for a connection (and so for an unreachable database).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The migrations of each kind: every file of `proxy/migrations/<kind>`,
+/// embedded at build time (`build.rs` rebuilds when a file is added).
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// Which database holds the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,21 +61,27 @@ impl fmt::Display for DbKind {
 }
 
 /// What went wrong with the database.
+///
+/// Each variant prints its cause in its own message (logs show `%error`, one
+/// line) and does not return it as `source()`: a printer of the whole chain
+/// (the CLI's `{:#}`) would otherwise repeat it. The cause's own chain is
+/// folded in once by [`full_message`].
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error(
         "unsupported database URL {0:?}: expected sqlite://PATH, sqlite::memory: or postgres://USER@HOST/DATABASE"
     )]
     UnsupportedUrl(String),
-    #[error("database URL {url}: {source}")]
-    BadUrl { url: String, source: sqlx::Error },
-    #[error("database {url}: {source}")]
-    Query { url: String, source: sqlx::Error },
-    #[error("migrating database {url}: {source}")]
-    Migrate {
-        url: String,
-        source: sqlx::migrate::MigrateError,
-    },
+    #[error("database URL {url}: {}", full_message(.error))]
+    BadUrl { url: String, error: sqlx::Error },
+    #[error("database {url}: {}", full_message(.error))]
+    Query { url: String, error: sqlx::Error },
+    #[error("connecting to database {url}: {}", full_message(.error))]
+    Connect { url: String, error: sqlx::Error },
+    #[error("migrating database {url}: {}", full_message(.error))]
+    Migrate { url: String, error: MigrateError },
+    #[error("migrating database {url}: {error}")]
+    MigrationLock { url: String, error: std::io::Error },
     #[error("the database did not answer within {0:?}")]
     Timeout(Duration),
     #[error("no backend with id {0:?}")]
@@ -86,6 +100,23 @@ pub enum DbError {
         table: String,
         flags: String,
     },
+}
+
+/// `error` and its chain of causes on one line, each cause once: a cause whose
+/// text its parent already printed (sqlx and std errors often both print and
+/// chain theirs) is left out.
+pub fn full_message(error: &(dyn StdError + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 /// A database URL, checked for its kind.
@@ -199,6 +230,9 @@ pub struct BackendRow {
 pub struct UnreadableRow {
     pub id: String,
     pub reason: String,
+    /// The `enabled` column, when that one could be read: a disabled row asks
+    /// for nothing, whatever its other values.
+    pub enabled: Option<bool>,
 }
 
 /// A row as read: either its values, or why they could not be read.
@@ -271,7 +305,6 @@ struct Dialect {
     select_rows: &'static str,
     select_one: &'static str,
     select_meta_for_update: &'static str,
-    migration: &'static str,
 }
 
 const SQLITE: Dialect = Dialect {
@@ -281,7 +314,6 @@ const SQLITE: Dialect = Dialect {
                  FROM backends WHERE id = $1",
     select_meta_for_update: "SELECT seeded FROM sttproxy_meta WHERE id = 1",
     begin_write: "BEGIN IMMEDIATE",
-    migration: include_str!("../../migrations/sqlite/0001_backends.sql"),
 };
 
 const POSTGRES: Dialect = Dialect {
@@ -293,7 +325,6 @@ const POSTGRES: Dialect = Dialect {
                  FROM backends WHERE id = $1 FOR UPDATE",
     select_meta_for_update: "SELECT seeded FROM sttproxy_meta WHERE id = 1 FOR UPDATE",
     begin_write: "BEGIN",
-    migration: include_str!("../../migrations/postgres/0001_backends.sql"),
 };
 
 const SELECT_VERSION: &str = "SELECT version FROM sttproxy_meta WHERE id = 1";
@@ -346,8 +377,47 @@ macro_rules! read_row {
                 .try_get::<String, _>("id")
                 .unwrap_or_else(|_| "<unreadable id>".to_string()),
             reason: e.to_string(),
+            enabled: row.try_get::<bool, _>("enabled").ok(),
         })
     }};
+}
+
+/// An exclusive advisory lock (`flock`) on `<database file>-migrate.lock`,
+/// held while a process migrates that database; released when dropped (or
+/// when the process dies, by the kernel). A separate file: opening and
+/// closing the database file itself would drop SQLite's own POSIX locks of
+/// this process. The lock file stays (removing it would race).
+#[derive(Debug)]
+struct MigrationLock {
+    _held: std::fs::File,
+}
+
+impl MigrationLock {
+    async fn acquire(database: &Path) -> Result<Self, std::io::Error> {
+        let mut name = database.as_os_str().to_owned();
+        name.push("-migrate.lock");
+        let path = std::path::PathBuf::from(name);
+        // A blocking wait on a thread of its own. If the caller gives up
+        // (timeout), the thread still gets the lock and releases it at once:
+        // the file is dropped with the unread result.
+        let locked = tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+                })?;
+            file.lock().map_err(|e| {
+                std::io::Error::new(e.kind(), format!("locking {}: {e}", path.display()))
+            })?;
+            Ok(file)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        locked.map(|file| Self { _held: file })
+    }
 }
 
 /// A handle to the backend table. Cheap to clone.
@@ -356,6 +426,8 @@ pub struct Db {
     pool: Pool,
     /// The URL with any password hidden.
     display: String,
+    /// SQLite in a file: the file (its migration lock sits beside it).
+    sqlite_file: Option<std::path::PathBuf>,
 }
 
 impl Db {
@@ -364,10 +436,11 @@ impl Db {
     /// created on first use.
     pub fn connect_lazy(url: &str) -> Result<Self, DbError> {
         let display = redact(url);
-        let bad_url = |source| DbError::BadUrl {
+        let bad_url = |error| DbError::BadUrl {
             url: display.clone(),
-            source,
+            error,
         };
+        let mut sqlite_file = None;
         let pool = match DbUrl::parse(url)? {
             DbUrl::Sqlite { url, memory } => {
                 let mut options = SqliteConnectOptions::from_str(&url)
@@ -383,6 +456,7 @@ impl Db {
                         .idle_timeout(None)
                         .max_lifetime(None);
                 } else {
+                    sqlite_file = Some(options.get_filename().to_path_buf());
                     // WAL: the proxy's reads never block `sttproxy backends` edits.
                     options = options.journal_mode(SqliteJournalMode::Wal);
                     pool = pool.max_connections(2);
@@ -401,14 +475,54 @@ impl Db {
                 Pool::Postgres(pool)
             }
         };
-        Ok(Self { pool, display })
+        Ok(Self {
+            pool,
+            display,
+            sqlite_file,
+        })
     }
 
     /// Connect and run the migrations.
     pub async fn open(url: &str) -> Result<Self, DbError> {
         let db = Self::connect_lazy(url)?;
-        db.migrate().await?;
+        if let Err(e) = db.migrate().await {
+            return Err(db.why_no_connection(e).await);
+        }
         Ok(db)
+    }
+
+    /// The pool reports a database it cannot reach as "pool timed out while
+    /// waiting for an open connection", the reason lost. Then one direct
+    /// connection finds it (refused, unknown host, TLS, authentication) for
+    /// whoever reads the error.
+    async fn why_no_connection(&self, e: DbError) -> DbError {
+        let timed_out = matches!(
+            &e,
+            DbError::Query {
+                error: sqlx::Error::PoolTimedOut,
+                ..
+            } | DbError::Migrate {
+                error: MigrateError::Execute(sqlx::Error::PoolTimedOut),
+                ..
+            }
+        );
+        if !timed_out {
+            return e;
+        }
+        use sqlx::ConnectOptions;
+        let attempt = async {
+            match &self.pool {
+                Pool::Sqlite(p) => p.connect_options().connect().await.map(drop),
+                Pool::Postgres(p) => p.connect_options().connect().await.map(drop),
+            }
+        };
+        match tokio::time::timeout(ACQUIRE_TIMEOUT, attempt).await {
+            Ok(Err(error)) => DbError::Connect {
+                url: self.display.clone(),
+                error,
+            },
+            _ => e,
+        }
     }
 
     pub fn kind(&self) -> DbKind {
@@ -423,10 +537,23 @@ impl Db {
         &self.display
     }
 
-    /// The PostgreSQL pool (for LISTEN), if this is PostgreSQL.
-    pub fn pg_pool(&self) -> Option<&PgPool> {
+    /// PostgreSQL: a new pool of one connection to the same database, for a
+    /// LISTEN connection of its own. Not the query pool: a LISTEN connection
+    /// found dead is dropped while sqlx still runs `UNLISTEN` on it in a task
+    /// of its own, which holds the connection until the dead socket errors
+    /// (the peer answers or the kernel gives up); on the query pool it would
+    /// hold a slot and keep [`Db::close`] waiting meanwhile.
+    pub fn pg_listener_pool(&self) -> Option<PgPool> {
         match &self.pool {
-            Pool::Postgres(p) => Some(p),
+            Pool::Postgres(p) => Some(
+                PgPoolOptions::new()
+                    .max_connections(1)
+                    .min_connections(0)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .connect_lazy_with((*p.connect_options()).clone()),
+            ),
             Pool::Sqlite(_) => None,
         }
     }
@@ -438,27 +565,72 @@ impl Db {
         }
     }
 
-    fn query_error(&self, source: sqlx::Error) -> DbError {
+    fn query_error(&self, error: sqlx::Error) -> DbError {
         DbError::Query {
             url: self.display.clone(),
-            source,
+            error,
+        }
+    }
+
+    /// The migrations embedded for this kind of database.
+    pub fn embedded_migrations(&self) -> &'static Migrator {
+        match self.pool {
+            Pool::Sqlite(_) => &SQLITE_MIGRATIONS,
+            Pool::Postgres(_) => &POSTGRES_MIGRATIONS,
         }
     }
 
     /// Apply the embedded migrations that are not applied yet.
     pub async fn migrate(&self) -> Result<(), DbError> {
-        let migrator = Migrator::with_migrations(vec![Migration::new(
-            1,
-            Cow::Borrowed("backends"),
-            MigrationType::Simple,
-            SqlStr::from_static(self.dialect().migration),
-            false,
-        )]);
-        let result = on_pool!(self, p => migrator.run(p).await);
-        result.map_err(|source| DbError::Migrate {
+        self.apply_migrations(self.embedded_migrations()).await
+    }
+
+    /// Apply `migrator`'s migrations that are not applied yet, one process at
+    /// a time: a proxy and `sttproxy backends` starting together on a fresh
+    /// database must not both create the table.
+    ///
+    /// PostgreSQL: sqlx holds an advisory lock for the whole run. SQLite:
+    /// sqlx's migration lock does nothing there, and SQLite's own locks are
+    /// not enough on a fresh file (the first connections switch it to WAL,
+    /// and SQLite answers "database is locked" at once, without waiting, where
+    /// waiting could deadlock). So a file's first connection and the whole run
+    /// happen under an exclusive advisory lock on `<file>-migrate.lock` beside
+    /// it ([`MigrationLock`]), and the run is one transaction begun
+    /// `IMMEDIATE` (reading which versions are applied, then applying the
+    /// others, atomically; sqlx's per-migration transaction becomes a
+    /// savepoint in it). So SQLite migrations must be transactional (no
+    /// `-- no-transaction` file).
+    pub async fn apply_migrations(&self, migrator: &Migrator) -> Result<(), DbError> {
+        let migrate_error = |error| DbError::Migrate {
             url: self.display.clone(),
-            source,
-        })
+            error,
+        };
+        let result = match &self.pool {
+            Pool::Postgres(p) => migrator.run(p).await,
+            Pool::Sqlite(p) => {
+                let _lock = match &self.sqlite_file {
+                    Some(file) => Some(MigrationLock::acquire(file).await.map_err(|error| {
+                        DbError::MigrationLock {
+                            url: self.display.clone(),
+                            error,
+                        }
+                    })?),
+                    None => None,
+                };
+                async {
+                    let mut tx = p.begin_with(SQLITE.begin_write).await?;
+                    // `run_direct` is what `Migrator::run` does once it holds
+                    // a connection; `run(&mut tx)` itself cannot be proven
+                    // `Send` in a spawned task ("Acquire is not general
+                    // enough", the sqlx limitation this entry point is for).
+                    migrator.run_direct(None, &mut *tx, false).await?;
+                    tx.commit().await?;
+                    Ok::<_, MigrateError>(())
+                }
+                .await
+            }
+        };
+        result.map_err(migrate_error)
     }
 
     /// The change counter: bumped by a trigger on every change of the table.

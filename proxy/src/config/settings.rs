@@ -146,6 +146,12 @@ pub struct Settings {
     /// the safety net under PostgreSQL's LISTEN/NOTIFY.
     #[serde(with = "human_duration")]
     pub sync_interval: Duration,
+    /// PostgreSQL: the LISTEN connection that pushes changes must show a sign
+    /// of life this often (a check query after half of it without a
+    /// notification); a silent one is reconnected, and meanwhile changes
+    /// arrive by polling only (`sttproxy_db_listener_connected` 0).
+    #[serde(with = "human_duration")]
+    pub db_listener_check_interval: Duration,
     /// `text` (human) or `json` logs.
     pub log_format: LogFormat,
     /// The seed backends were named on the command line (`serve --backend`):
@@ -217,24 +223,23 @@ impl Default for Settings {
             backends: Vec::new(),
             db: None,
             sync_interval: Duration::from_secs(5),
+            db_listener_check_interval: Duration::from_secs(10),
             log_format: LogFormat::Text,
             seeds_from_flags: false,
         }
     }
 }
 
-/// Why the settings could not be used.
+/// Why the settings could not be used. Each message holds its cause, which is
+/// not also chained as `source()` (a chain printer would repeat it).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("parsing {path}: {source}")]
+    #[error("reading {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("parsing {path}: {error}")]
     Parse {
         path: String,
-        source: Box<toml::de::Error>,
+        error: Box<toml::de::Error>,
     },
     #[error("backend {id}: {reason}")]
     Backend { id: String, reason: String },
@@ -243,20 +248,47 @@ pub enum ConfigError {
 }
 
 impl Settings {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
+    /// The backend table of `sttproxy serve` and of `sttproxy backends`, so
+    /// that both always name the same one: `flag` (`--db`, or `STTPROXY_DB`
+    /// through clap), else the settings file's `db`, else
+    /// `sqlite://<dir of the settings file, or the current dir>/sttproxy.db`.
+    /// `file` is the settings file as loaded from `config`.
+    pub fn db_url(
+        flag: Option<&str>,
+        config: Option<&Path>,
+        file: Option<&Settings>,
+    ) -> Result<String, ConfigError> {
+        if let Some(url) = flag.or_else(|| file.and_then(|s| s.db.as_deref())) {
+            return Ok(url.to_string());
+        }
+        let dir = config
+            .and_then(Path::parent)
+            .filter(|d| !d.as_os_str().is_empty());
+        let dir = match dir {
+            Some(dir) => std::path::absolute(dir),
+            None => std::env::current_dir(),
+        }
+        .map_err(|error| ConfigError::Read {
+            path: dir.map_or_else(|| ".".into(), |d| d.display().to_string()),
+            error,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        Ok(super::db::DbUrl::sqlite_file(&dir.join("sttproxy.db")))
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
-            source: Box::new(source),
+            error,
+        })?;
+        toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.display().to_string(),
+            error: Box::new(error),
         })
     }
 
     /// Every duration setting with its smallest sane value: zero would spin
     /// or panic (a zero interval); the largest is a day for all (more is a typo).
-    fn durations(&self) -> [(&'static str, Duration, Duration); 15] {
+    fn durations(&self) -> [(&'static str, Duration, Duration); 16] {
         let ms = Duration::from_millis;
         [
             ("handshake_timeout", self.handshake_timeout, ms(10)),
@@ -282,6 +314,11 @@ impl Settings {
                 ms(1),
             ),
             ("sync_interval", self.sync_interval, ms(50)),
+            (
+                "db_listener_check_interval",
+                self.db_listener_check_interval,
+                ms(100),
+            ),
         ]
     }
 

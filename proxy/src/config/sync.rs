@@ -5,9 +5,15 @@
 //! `sync_interval` (jittered ±10 %): the poll reads only the table's change
 //! counter (bumped by triggers), and reads the rows only when it moved. On
 //! PostgreSQL a second task LISTENs on [`db::NOTIFY_CHANNEL`] (a trigger
-//! notifies it) and wakes the sync at once; it reconnects after the database
-//! drops, and asks for a full check after every reconnect, since
-//! notifications sent meanwhile are lost.
+//! notifies it) and wakes the sync at once. A LISTEN connection only receives,
+//! so a half-open one (a NAT or firewall that dropped it, a partition) would
+//! wait forever: the listener must give a sign of life — a notification, or
+//! the answer to a check query it sends after half of
+//! `db_listener_check_interval` of silence — within each interval, or it is
+//! declared lost (`sttproxy_db_listener_connected` 0), dropped and
+//! reconnected with backoff. Meanwhile changes arrive by the polling alone. It
+//! asks for a full check after every (re)connect, since notifications sent
+//! while it was away are lost.
 //!
 //! A change is applied as a diff, only through each pool's target and its
 //! reconcile worker:
@@ -20,27 +26,30 @@
 //!
 //! A row that cannot be used is rejected (logged with its reason, counted in
 //! `sttproxy_config_rejected_rows`); a running backend whose row turned bad
-//! keeps its last good configuration. A database outage keeps the last good
+//! keeps its last good configuration, unless the row is disabled (a disabled
+//! row asks for nothing, whatever its values). A pool that cannot start leaves
+//! the table's version unapplied: the next poll reads the rows again and
+//! retries. A database outage keeps the last good
 //! configuration; the sync retries with backoff and reports the staleness
 //! (`/readyz` body, `sttproxy_config_last_sync_age_seconds`,
 //! `sttproxy_config_sync_failures_total`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use sqlx::postgres::{PgListener, PgPool};
+use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::db::{self, Db, DbError, DbKind, RowRead, SeedOutcome};
-use crate::backend::{BackendPool, BackendSpec, PoolTuning};
+use crate::backend::{BackendPool, BackendSpec, DialError, PoolTuning};
 use crate::backends::Backends;
 use crate::reconcile::{backoff, jitter};
 
@@ -65,6 +74,9 @@ pub struct SyncStatus {
     rejected_rows: AtomicU64,
     rejections_total: AtomicU64,
     applies_total: AtomicU64,
+    /// PostgreSQL: the LISTEN connection is up and answered within its check
+    /// interval.
+    listener_connected: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -88,6 +100,7 @@ impl SyncStatus {
             rejected_rows: AtomicU64::new(0),
             rejections_total: AtomicU64::new(0),
             applies_total: AtomicU64::new(0),
+            listener_connected: AtomicBool::new(false),
         }
     }
 
@@ -151,6 +164,16 @@ impl SyncStatus {
         lock(&self.last_error).clone()
     }
 
+    /// PostgreSQL: whether changes are pushed (LISTEN connection up and
+    /// answering); `None` on SQLite, which has no push.
+    pub fn listener_connected(&self) -> Option<bool> {
+        (self.kind == DbKind::Postgres).then(|| self.listener_connected.load(Ordering::Relaxed))
+    }
+
+    fn set_listener_connected(&self, up: bool) {
+        self.listener_connected.store(up, Ordering::Relaxed);
+    }
+
     /// Stale: the last attempt failed, or nothing confirmed the configuration
     /// for three intervals (a watchdog over the sync task itself).
     pub fn is_stale(&self) -> bool {
@@ -182,8 +205,15 @@ impl SyncStatus {
                 self.kind
             )
         } else {
+            let push = match self.listener_connected() {
+                Some(false) => format!(
+                    "; push (LISTEN) down, changes arrive by polling every {}",
+                    humantime::format_duration(self.interval)
+                ),
+                _ => String::new(),
+            };
             format!(
-                "config current: version {}, synced {age:.1}s ago from {}",
+                "config current: version {}, synced {age:.1}s ago from {}{push}",
                 self.version(),
                 self.kind
             )
@@ -263,23 +293,37 @@ pub fn plan(
 }
 
 /// Sorts rows into usable specs (enabled ones only) and rejections.
+///
+/// A disabled row is neither, whatever its other values: a rejection keeps a
+/// running backend on its last good configuration, and a backend its operator
+/// disabled must leave the routed set even if its row is also broken.
 pub fn sort_rows(rows: Vec<RowRead>) -> (BTreeMap<String, BackendSpec>, Vec<(String, String)>) {
     let mut wanted = BTreeMap::new();
     let mut rejected = Vec::new();
     for row in rows {
         match row {
+            Ok(row) if !row.enabled => {}
             Ok(row) => match row.to_spec() {
-                Ok(spec) if spec.enabled => {
+                Ok(spec) => {
                     wanted.insert(spec.id.clone(), spec);
                 }
-                Ok(_) => {}
                 Err(reason) => rejected.push((row.id, reason)),
             },
+            Err(unreadable) if unreadable.enabled == Some(false) => {}
             Err(unreadable) => rejected.push((unreadable.id, unreadable.reason)),
         }
     }
     (wanted, rejected)
 }
+
+/// How a pool is started (a seam for the sync's own tests: a start that fails).
+type StartPool = fn(
+    &BackendSpec,
+    &PoolTuning,
+    &TaskTracker,
+    &CancellationToken,
+    u64,
+) -> Result<Arc<BackendPool>, DialError>;
 
 /// The task that keeps the pools in line with the backend table.
 #[derive(Debug)]
@@ -298,7 +342,12 @@ pub struct ConfigSync {
     current: BTreeMap<String, Running>,
     /// Migrations ran and seeds were considered.
     initialised: bool,
+    /// The table's version whose every row is applied. Left as it was when a
+    /// pool could not start, so that the next poll retries.
     applied_version: Option<i64>,
+    /// PostgreSQL: the LISTEN connection must show life this often.
+    listener_check: Duration,
+    start: StartPool,
     rng: SmallRng,
 }
 
@@ -328,8 +377,17 @@ impl ConfigSync {
             current: BTreeMap::new(),
             initialised: false,
             applied_version: None,
+            listener_check: Duration::from_secs(10),
+            start: BackendPool::start,
             rng: SmallRng::from_os_rng(),
         }
+    }
+
+    /// PostgreSQL: a LISTEN connection silent this long (no notification,
+    /// no answer to a check query) is declared lost and reconnected.
+    pub fn listener_check_interval(mut self, interval: Duration) -> Self {
+        self.listener_check = interval;
+        self
     }
 
     /// The seeds were named explicitly (`serve --backend`): a table populated
@@ -432,15 +490,28 @@ impl ConfigSync {
         }
         let rows = timed(self.db.rows()).await?;
         let (wanted, rejected) = sort_rows(rows);
-        self.apply(wanted, &rejected);
-        self.applied_version = Some(version);
+        let failed_starts = self.apply(wanted, &rejected);
         self.status.applies_total.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(version, "backend table applied");
+        if failed_starts == 0 {
+            self.applied_version = Some(version);
+            tracing::debug!(version, "backend table applied");
+        } else {
+            tracing::debug!(
+                version,
+                failed_starts,
+                "backend table applied but for pools that could not start; the next poll retries"
+            );
+        }
         Ok(version)
     }
 
-    /// Apply the wanted set to the pools as a diff.
-    fn apply(&mut self, wanted: BTreeMap<String, BackendSpec>, rejected: &[(String, String)]) {
+    /// Apply the wanted set to the pools as a diff. Returns how many pools
+    /// could not start (their rows are counted as rejected).
+    fn apply(
+        &mut self,
+        wanted: BTreeMap<String, BackendSpec>,
+        rejected: &[(String, String)],
+    ) -> usize {
         let mut keep = BTreeSet::new();
         for (id, reason) in rejected {
             let running = self.current.contains_key(id);
@@ -464,20 +535,23 @@ impl ConfigSync {
             .collect();
         let actions = plan(&current, &wanted, &keep);
         if actions.is_empty() {
-            return;
+            return 0;
         }
+        let mut failed_starts = 0;
         let mut retired = Vec::new();
         for action in actions {
             match action {
                 Action::Start(spec) => {
-                    if let Some(pool) = self.start_pool(&spec) {
-                        tracing::info!(
-                            backend = %spec.id, url = %db::redact(&spec.url), target = spec.target_size,
-                            max = spec.max_size, weight = spec.weight, reuse = %spec.reuse,
-                            "backend added"
-                        );
-                        self.current.insert(spec.id.clone(), Running { spec, pool });
-                    }
+                    let Some(pool) = self.start_pool(&spec) else {
+                        failed_starts += 1;
+                        continue;
+                    };
+                    tracing::info!(
+                        backend = %spec.id, url = %db::redact(&spec.url), target = spec.target_size,
+                        max = spec.max_size, weight = spec.weight, reuse = %spec.reuse,
+                        "backend added"
+                    );
+                    self.current.insert(spec.id.clone(), Running { spec, pool });
                 }
                 Action::Resize(spec) => {
                     if let Some(r) = self.current.get_mut(&spec.id) {
@@ -494,13 +568,14 @@ impl ConfigSync {
                 }
                 Action::Replace { spec, why } => {
                     // Start the new pool first: if it cannot start, the old one stays.
-                    if let Some(pool) = self.start_pool(&spec) {
-                        tracing::info!(backend = %spec.id, url = %db::redact(&spec.url), why, "backend replaced by a new pool; the old one drains");
-                        if let Some(old) =
-                            self.current.insert(spec.id.clone(), Running { spec, pool })
-                        {
-                            retired.push(old.pool);
-                        }
+                    let Some(pool) = self.start_pool(&spec) else {
+                        failed_starts += 1;
+                        continue;
+                    };
+                    tracing::info!(backend = %spec.id, url = %db::redact(&spec.url), why, "backend replaced by a new pool; the old one drains");
+                    if let Some(old) = self.current.insert(spec.id.clone(), Running { spec, pool })
+                    {
+                        retired.push(old.pool);
                     }
                 }
                 Action::Retire { id, why } => {
@@ -517,14 +592,15 @@ impl ConfigSync {
         for pool in retired {
             self.backends.retire(pool);
         }
+        failed_starts
     }
 
     fn start_pool(&mut self, spec: &BackendSpec) -> Option<Arc<BackendPool>> {
         let seed = rand::random::<u64>();
-        match BackendPool::start(spec, &self.tuning, &self.tracker, &self.pools_stop, seed) {
+        match (self.start)(spec, &self.tuning, &self.tracker, &self.pools_stop, seed) {
             Ok(pool) => Some(pool),
             Err(e) => {
-                tracing::warn!(backend = %spec.id, error = %e, "rejected backend row: its pool cannot start");
+                tracing::warn!(backend = %spec.id, error = %e, "rejected backend row: its pool cannot start; retried at the next poll");
                 self.status.rejected_rows.fetch_add(1, Ordering::Relaxed);
                 self.status.rejections_total.fetch_add(1, Ordering::Relaxed);
                 None
@@ -539,9 +615,14 @@ impl ConfigSync {
     pub async fn run(mut self, stop: CancellationToken) {
         let nudge = Arc::new(Notify::new());
         let listener_stop = stop.child_token();
-        let listener = self.db.pg_pool().cloned().map(|pool| {
-            self.tracker
-                .spawn(listen(pool, nudge.clone(), listener_stop.clone()))
+        let listener = (self.db.kind() == DbKind::Postgres).then(|| {
+            self.tracker.spawn(listen(
+                self.db.clone(),
+                self.status.clone(),
+                self.listener_check,
+                nudge.clone(),
+                listener_stop.clone(),
+            ))
         });
         let mut next_sync = Instant::now() + jitter(self.interval, &mut self.rng);
         loop {
@@ -584,7 +665,14 @@ impl ConfigSync {
         if let Some(handle) = listener {
             let _ = handle.await;
         }
-        self.db.close().await;
+        // Bounded: closing waits for connections in use, and a query stuck on
+        // a half-open connection would hold the shutdown.
+        if tokio::time::timeout(OP_TIMEOUT, self.db.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(db = %self.db.display_url(), "the database pool did not close within {OP_TIMEOUT:?}");
+        }
     }
 }
 
@@ -597,15 +685,29 @@ async fn timed<T>(op: impl Future<Output = Result<T, DbError>>) -> Result<T, DbE
 }
 
 /// PostgreSQL: LISTEN on the table's channel and nudge the sync on every
-/// notification. Reconnects (with backoff) after the connection or the
-/// database drops, and nudges after every (re)connect: notifications sent
-/// while it was away are lost, and the sync's counter check catches up.
-async fn listen(pool: PgPool, nudge: Arc<Notify>, stop: CancellationToken) {
+/// notification. The connection is watched ([`watch`]); after it is lost or
+/// found silent, it is dropped and a new one made, with backoff. Nudges after
+/// every (re)connect: notifications sent while it was away are lost, and the
+/// sync's counter check catches up. `status` shows whether it is up.
+async fn listen(
+    db: Db,
+    status: Arc<SyncStatus>,
+    check: Duration,
+    nudge: Arc<Notify>,
+    stop: CancellationToken,
+) {
     let mut rng = SmallRng::from_os_rng();
     let mut failures = 0usize;
     loop {
+        // A pool of its own per connection (see `Db::pg_listener_pool`).
+        let Some(pool) = db.pg_listener_pool() else {
+            return;
+        };
         let connect = async {
             let mut l = PgListener::connect_with(&pool).await?;
+            // A lost connection is reported (`Ok(None)`), not silently
+            // replaced: the loop below reconnects with backoff and says so.
+            l.eager_reconnect(false);
             l.listen(db::NOTIFY_CHANNEL).await?;
             Ok::<_, sqlx::Error>(l)
         };
@@ -614,53 +716,96 @@ async fn listen(pool: PgPool, nudge: Arc<Notify>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             r = tokio::time::timeout(OP_TIMEOUT, connect) => r,
         };
-        let mut listener = match connected {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => {
-                failures += 1;
-                tracing::debug!(error = %e, failures, "LISTEN connection failed");
-                let delay = backoff(RETRY_BASE, Duration::from_secs(5), failures, &mut rng);
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(delay) => continue,
+        let lost = match connected {
+            Ok(Ok(mut listener)) => {
+                status.set_listener_connected(true);
+                if failures > 0 {
+                    tracing::info!(
+                        channel = db::NOTIFY_CHANNEL,
+                        "listening for backend table changes again"
+                    );
+                }
+                failures = 0;
+                nudge.notify_one();
+                let lost = watch(&mut listener, check, &nudge, &stop).await;
+                status.set_listener_connected(false);
+                match lost {
+                    Some(why) => why,
+                    None => return,
                 }
             }
-            Err(_) => {
-                failures += 1;
-                tracing::debug!(failures, "LISTEN connection timed out");
-                continue;
-            }
+            Ok(Err(e)) => format!("connecting: {}", db::full_message(&e)),
+            Err(_) => format!("connecting: no answer within {OP_TIMEOUT:?}"),
         };
-        if failures > 0 {
-            tracing::info!(
-                channel = db::NOTIFY_CHANNEL,
-                "listening for backend table changes again"
-            );
-        }
-        nudge.notify_one();
-        let error = loop {
-            let received = tokio::select! {
-                biased;
-                () = stop.cancelled() => return,
-                r = listener.try_recv() => r,
-            };
-            match received {
-                Ok(Some(_)) => nudge.notify_one(),
-                Ok(None) => {
-                    // The connection dropped and was re-established: catch up.
-                    tracing::info!("LISTEN connection was lost and re-established");
-                    nudge.notify_one();
-                }
-                Err(e) => break e,
-            }
-        };
-        tracing::warn!(error = %error, "LISTEN connection lost; reconnecting");
-        drop(listener);
-        failures = 1;
+        failures += 1;
         let delay = backoff(RETRY_BASE, Duration::from_secs(5), failures, &mut rng);
+        tracing::warn!(
+            why = %lost, failures, retry_in = ?delay,
+            "LISTEN connection for backend table changes lost; changes arrive by polling until it is back"
+        );
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// What woke [`watch`].
+enum Woken {
+    Stop,
+    Received(Result<Option<sqlx::postgres::PgNotification>, sqlx::Error>),
+    CheckDue,
+}
+
+/// Receive notifications on `listener` (nudging the sync for each) until it
+/// is lost (returns why) or `stop` fires (returns `None`).
+///
+/// Invariant: the connection shows a sign of life at least every `check`.
+/// After `check / 2` without a notification a check query (`SELECT 1`) goes
+/// through the LISTEN connection itself, and must be answered by the end of
+/// the interval; otherwise the connection is declared lost. So a half-open
+/// connection is found within `check` of its last sign of life. Notifications
+/// that arrive during the query are buffered by sqlx and received next.
+async fn watch(
+    listener: &mut PgListener,
+    check: Duration,
+    nudge: &Notify,
+    stop: &CancellationToken,
+) -> Option<String> {
+    let mut alive_at = Instant::now();
+    loop {
+        let woken = tokio::select! {
+            biased;
+            () = stop.cancelled() => Woken::Stop,
+            r = listener.try_recv() => Woken::Received(r),
+            () = tokio::time::sleep_until(alive_at + check / 2) => Woken::CheckDue,
+        };
+        match woken {
+            Woken::Stop => return None,
+            Woken::Received(Ok(Some(_))) => {
+                alive_at = Instant::now();
+                nudge.notify_one();
+            }
+            Woken::Received(Ok(None)) => return Some("the connection dropped".into()),
+            Woken::Received(Err(e)) => return Some(db::full_message(&e)),
+            Woken::CheckDue => {
+                let deadline = alive_at + check;
+                let answered = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return None,
+                    r = tokio::time::timeout_at(deadline, sqlx::query("SELECT 1").execute(&mut *listener)) => r,
+                };
+                match answered {
+                    Ok(Ok(_)) => alive_at = Instant::now(),
+                    Ok(Err(e)) => return Some(format!("check query: {}", db::full_message(&e))),
+                    Err(_) => {
+                        return Some(format!(
+                            "no sign of life within {} (db_listener_check_interval): no answer to a check query",
+                            humantime::format_duration(check)
+                        ));
+                    }
+                }
+            }
         }
     }
 }
@@ -766,6 +911,88 @@ mod tests {
         ));
     }
 
+    /// Fails its first call, then starts pools as usual.
+    fn start_failing_once(
+        spec: &BackendSpec,
+        tuning: &PoolTuning,
+        tracker: &TaskTracker,
+        parent: &CancellationToken,
+        seed: u64,
+    ) -> Result<Arc<BackendPool>, DialError> {
+        static CALLS: AtomicU64 = AtomicU64::new(0);
+        if CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(DialError::BadUrl {
+                url: spec.url.clone(),
+                reason: "a start failure made by the test".into(),
+            });
+        }
+        BackendPool::start(spec, tuning, tracker, parent, seed)
+    }
+
+    /// A pool that cannot start does not mark the table's version applied:
+    /// the next poll, with no edit in between, retries it.
+    #[tokio::test]
+    async fn a_pool_that_failed_to_start_is_retried_without_an_edit() {
+        let db = Db::open("sqlite::memory:").await.unwrap();
+        db.add(&spec("a", 1, 2)).await.unwrap();
+        let backends = Backends::default();
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let mut sync = ConfigSync::new(
+            db.clone(),
+            backends.clone(),
+            crate::config::Settings::default().pool_tuning(),
+            tracker.clone(),
+            stop.clone(),
+            Duration::from_secs(1),
+            Vec::new(),
+        );
+        sync.start = start_failing_once;
+        let routed = || {
+            backends
+                .all()
+                .iter()
+                .map(|p| p.id.clone())
+                .collect::<Vec<_>>()
+        };
+
+        sync.sync_once().await.unwrap();
+        assert!(routed().is_empty());
+        assert_eq!(sync.status().rejected_rows(), 1);
+        let version = sync.status().version();
+
+        sync.sync_once().await.unwrap();
+        assert_eq!(sync.status().version(), version, "no edit in between");
+        assert_eq!(routed(), ["a"]);
+        assert_eq!(sync.status().rejected_rows(), 0);
+
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+        db.close().await;
+    }
+
+    #[test]
+    fn a_disabled_row_is_neither_wanted_nor_rejected_whatever_its_values() {
+        let bad_and_off = db::BackendRow {
+            id: "off".into(),
+            url: "ws://127.0.0.1:9001".into(),
+            target_size: 3,
+            max_size: 0,
+            weight: 1,
+            enabled: false,
+            reuse: "fenced".into(),
+            updated_at: String::new(),
+        };
+        let unreadable_and_off = db::UnreadableRow {
+            id: "worse".into(),
+            reason: "mismatched types".into(),
+            enabled: Some(false),
+        };
+        let (wanted, rejected) = sort_rows(vec![Ok(bad_and_off), Err(unreadable_and_off)]);
+        assert!(wanted.is_empty() && rejected.is_empty(), "{rejected:?}");
+    }
+
     #[test]
     fn rows_are_sorted_into_wanted_and_rejected() {
         let ok = db::BackendRow {
@@ -792,6 +1019,7 @@ mod tests {
         let unreadable = db::UnreadableRow {
             id: "worse".into(),
             reason: "mismatched types".into(),
+            enabled: None,
         };
         let (wanted, rejected) = sort_rows(vec![Ok(ok), Ok(off), Ok(bad), Err(unreadable)]);
         assert_eq!(wanted.keys().collect::<Vec<_>>(), ["ok"]);

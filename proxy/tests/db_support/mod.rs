@@ -544,12 +544,15 @@ impl SessionGroup {
 
 /// A TCP forwarder to `target`: stopping it cuts every forwarded connection
 /// (the database seems gone to whoever uses it); it can start again on the
-/// same port.
+/// same port. Pausing it stops forwarding without closing anything: every
+/// connection, open or new, goes half-open (bytes are accepted by the kernel
+/// and never answered, no FIN, no RST) until it resumes.
 pub struct Forwarder {
     pub addr: SocketAddr,
     target: SocketAddr,
     tasks: Option<JoinSet<()>>,
     stop: CancellationToken,
+    paused: tokio::sync::watch::Sender<bool>,
 }
 
 impl Forwarder {
@@ -561,6 +564,7 @@ impl Forwarder {
             target,
             tasks: None,
             stop: CancellationToken::new(),
+            paused: tokio::sync::watch::Sender::new(false),
         };
         f.serve(listener);
         f
@@ -570,6 +574,7 @@ impl Forwarder {
         let stop = CancellationToken::new();
         self.stop = stop.clone();
         let target = self.target;
+        let paused = self.paused.clone();
         let mut tasks = JoinSet::new();
         tasks.spawn(async move {
             let mut conns = JoinSet::new();
@@ -577,10 +582,16 @@ impl Forwarder {
                 tokio::select! {
                     () = stop.cancelled() => break,
                     accepted = listener.accept() => {
-                        let Ok((mut inbound, _)) = accepted else { continue };
+                        let Ok((inbound, _)) = accepted else { continue };
+                        let paused = paused.subscribe();
                         conns.spawn(async move {
-                            if let Ok(mut outbound) = TcpStream::connect(target).await {
-                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            if let Ok(outbound) = TcpStream::connect(target).await {
+                                let (in_read, in_write) = inbound.into_split();
+                                let (out_read, out_write) = outbound.into_split();
+                                tokio::join!(
+                                    pump(in_read, out_write, paused.clone()),
+                                    pump(out_read, in_write, paused),
+                                );
                             }
                         });
                     }
@@ -605,5 +616,41 @@ impl Forwarder {
     pub async fn restart(&mut self) {
         let listener = TcpListener::bind(self.addr).await.unwrap();
         self.serve(listener);
+    }
+
+    /// Stop forwarding, closing nothing (see [`Forwarder`]).
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    /// Forward again, what was held first.
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+}
+
+/// Copy `from` to `to` while not paused; bytes read just before a pause are
+/// held until it ends. Ends when either side fails or closes.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut paused: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        if paused.wait_for(|p| !*p).await.is_err() {
+            return;
+        }
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            // Read nothing more once paused (a read is cancel-safe).
+            _ = paused.wait_for(|p| *p) => continue,
+        };
+        if paused.wait_for(|p| !*p).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
