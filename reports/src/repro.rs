@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::procs::Proc;
+use crate::procs::{Group, Proc};
 use crate::report::{self, MachineInfo, RunNotes};
 use crate::results::SystemRounds;
 use crate::stats::round_order;
@@ -151,43 +151,43 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 }
 
 /// Build the release binaries (unless `no_build`) while the Python baseline's
-/// virtualenv is prepared alongside (mostly downloads). Returns whether the
-/// virtualenv is ready: a failure there skips the baseline, not the run.
-fn build(root: &Path, no_build: bool) -> anyhow::Result<Result<(), String>> {
-    let venv = Command::new("bash")
+/// virtualenv is prepared alongside (mostly downloads; its log in
+/// `out/venv.err`). Returns whether the virtualenv is ready: a failure there
+/// skips the baseline, not the run.
+fn build(root: &Path, out: &Path, no_build: bool) -> anyhow::Result<Result<(), String>> {
+    let mut venv_cmd = Command::new("bash");
+    venv_cmd
         .arg(root.join("baseline/python/run.sh"))
-        .env("BASELINE_PREPARE_ONLY", "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn();
+        .env("BASELINE_PREPARE_ONLY", "1");
+    let venv = Proc::spawn("venv", venv_cmd, out);
     if !no_build {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         eprintln!("repro: building the release binaries ...");
-        let status = Command::new(cargo)
-            .current_dir(root)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "echo-backend",
-                "-p",
-                "sttproxy",
-                "-p",
-                "loadgen",
-            ])
-            .status()
-            .context("running cargo build")?;
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root).args([
+            "build",
+            "--release",
+            "-p",
+            "echo-backend",
+            "-p",
+            "sttproxy",
+            "-p",
+            "loadgen",
+        ]);
+        let status = Group::spawn("cargo build", cmd)?.wait(Duration::from_secs(3600))?;
         if !status.success() {
             bail!("cargo build failed ({status})");
         }
     }
     Ok(match venv {
-        Ok(mut child) => match child.wait() {
+        Ok(mut child) => match child.wait(Duration::from_secs(900)) {
             Ok(status) if status.success() => Ok(()),
-            Ok(status) => Err(format!("preparing its virtualenv failed ({status})")),
-            Err(e) => Err(format!("preparing its virtualenv: {e}")),
+            Ok(status) => Err(format!(
+                "preparing its virtualenv failed ({status}); see venv.err"
+            )),
+            Err(e) => Err(format!("preparing its virtualenv: {e:#}")),
         },
-        Err(e) => Err(format!("starting baseline/python/run.sh: {e}")),
+        Err(e) => Err(format!("starting baseline/python/run.sh: {e:#}")),
     })
 }
 
@@ -277,12 +277,12 @@ fn measure_rounds(
 /// Run the whole reproduction; returns the report directory.
 pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
-    let venv_ready = build(&root, opts.no_build)?;
     let out = match &opts.out {
         Some(o) => o.clone(),
         None => root.join("reports/out").join(timestamp()),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let venv_ready = build(&root, &out, opts.no_build)?;
     let fd = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
     let mut notes = RunNotes {
         scenario: format!("{} — {}", opts.scenario.name, opts.scenario.about),

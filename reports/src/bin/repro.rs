@@ -31,6 +31,9 @@ struct Args {
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// Internal: run as the guardian that ends the children of a killed repro.
+    #[arg(long = "guardian", hide = true)]
+    guardian: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,7 +44,14 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    reports::procs::stop_children_on_interrupt()?;
+    if args.guardian {
+        reports::procs::guardian::serve();
+        return Ok(());
+    }
+    // Children are spawned from this (the main) thread only: their
+    // parent-death signal fires when the spawning thread exits.
+    reports::procs::start_guardian();
+    reports::procs::stop_all_on_interrupt()?;
     let name = if args.quick {
         "quick"
     } else {

@@ -219,17 +219,18 @@ impl Env {
     /// `sttproxy backends add` one backend to the table in `db`.
     fn add_backend(&self, db: &str, url: &str) -> anyhow::Result<()> {
         let target = self.sttproxy_target();
-        let out = Command::new(self.binary("sttproxy"))
-            .args(["backends", "add", "--db", db, "--url", url])
+        let mut cmd = Command::new(self.binary("sttproxy"));
+        cmd.args(["backends", "add", "--db", db, "--url", url])
             .args(["--target", &target.to_string()])
-            .args(["--max", &(target * 2).to_string()])
-            .output()
-            .context("running sttproxy backends add")?;
-        if !out.status.success() {
+            .args(["--max", &(target * 2).to_string()]);
+        let log = "sttproxy-backends-add";
+        let status = Proc::spawn(log, cmd, &self.out)?.wait(Duration::from_secs(30))?;
+        if !status.success() {
+            let err =
+                std::fs::read_to_string(self.out.join(format!("{log}.err"))).unwrap_or_default();
             bail!(
-                "sttproxy backends add --url {url} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                "sttproxy backends add --url {url} failed ({status}): {}",
+                err.trim()
             );
         }
         Ok(())
