@@ -45,10 +45,18 @@ pub struct Scenario {
     pub rate: f64,
     /// Bytes per message.
     pub size: usize,
+    /// How long each session streams; with `lifetime_min_s`, the longest.
     pub duration_s: f64,
     pub mode: Mode,
     pub urls: Vec<String>,
+    /// Session starts spread over this long (`sessions / ramp_s` arrivals a second).
     pub ramp_s: f64,
+    /// Churn: lifetimes drawn uniformly from `[lifetime_min_s, duration_s]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime_min_s: Option<f64>,
+    /// Seed of the lifetimes (with `lifetime_min_s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     pub connect_timeout_s: f64,
     pub drain_timeout_s: f64,
 }
@@ -93,7 +101,9 @@ pub struct MessageCounts {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Throughput {
-    /// sessions × rate.
+    /// Messages a second the schedule calls for when every session streams:
+    /// sessions × rate; with churn, the steady state (arrivals a second × mean
+    /// lifetime × rate).
     pub offered_per_s: f64,
     /// received / window_s.
     pub achieved_per_s: f64,
@@ -101,6 +111,10 @@ pub struct Throughput {
     pub sent_per_s: f64,
     /// Seconds the rates are over: the duration, or the time to an early stop.
     pub window_s: f64,
+    /// Sessions connected a second over the arrival window (the ramp; the
+    /// duration without one): with churn, the leases a proxy hands out a second.
+    #[serde(default)]
+    pub sessions_per_s: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -201,6 +215,16 @@ impl fmt::Display for LoadReport {
                 ""
             }
         )?;
+        if let Some(min) = s.lifetime_min_s {
+            writeln!(
+                f,
+                "  churn:      lifetimes {min}..{} s (seed {}), {:.1} arrivals/s over {} s",
+                s.duration_s,
+                s.seed.unwrap_or_default(),
+                s.sessions as f64 / s.ramp_s.max(1e-9),
+                s.ramp_s
+            )?;
+        }
         writeln!(f, "  urls:       {}", s.urls.join(" "))?;
         let c = &self.sessions;
         writeln!(
@@ -228,10 +252,11 @@ impl fmt::Display for LoadReport {
         }
         writeln!(
             f,
-            "  throughput: offered {:.0}/s achieved {:.0}/s (sent {:.0}/s)",
+            "  throughput: offered {:.0}/s achieved {:.0}/s (sent {:.0}/s), sessions {:.1}/s",
             self.throughput.offered_per_s,
             self.throughput.achieved_per_s,
-            self.throughput.sent_per_s
+            self.throughput.sent_per_s,
+            self.throughput.sessions_per_s
         )?;
         let l = &self.latency_ms;
         writeln!(
