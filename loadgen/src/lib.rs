@@ -26,6 +26,7 @@
 
 pub mod proto;
 
+pub mod host;
 pub mod procfs;
 mod progress;
 mod report;
@@ -44,7 +45,7 @@ use std::time::{Duration, Instant, SystemTime};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::serialization::interval_log::{IntervalLogWriter, IntervalLogWriterBuilder};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::MissedTickBehavior;
@@ -52,14 +53,14 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use report::{
-    Latency, LoadReport, LoadgenSelf, Machine, MachineSample, MessageCounts, Scenario,
-    SessionCounts, Throughput, TimelineEntry, WatchSample, Watched,
+    Host, Latency, LoadReport, LoadgenSelf, Machine, MachineSample, MessageCounts, SCHEMA_VERSION,
+    Scenario, SessionCounts, Throughput, TimelineEntry, Tool, WatchSample, Watched,
 };
 
 use shard::{Event, NewConn, Schedule, ShardParams, Totals};
 
 /// What the sessions send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Text messages of `size` bytes with a header, echoed back by the server.
@@ -724,8 +725,14 @@ where
         .saturating_sub(connected + connect_failed + not_started);
     let duration_s = config.duration.as_secs_f64();
     // Rates are per second of streaming: the duration, or less when stopped early.
-    let window_s = stopped_at.map_or(duration_s, |at: Duration| {
-        at.as_secs_f64().min(duration_s).max(1e-3)
+    // With churn the streaming spans the ramp plus the longest lifetime.
+    let span_s = if config.lifetime.is_some() {
+        config.ramp.as_secs_f64() + duration_s
+    } else {
+        duration_s
+    };
+    let window_s = stopped_at.map_or(span_s, |at: Duration| {
+        at.as_secs_f64().min(span_s).max(1e-3)
     });
     let arrival_window_s = if config.ramp.is_zero() {
         duration_s
@@ -734,10 +741,7 @@ where
     };
     let offered_per_s = match config.lifetime {
         None => plan.sessions as f64 * plan.rate,
-        Some(min) => {
-            let mean_life_s = (min.as_secs_f64() + duration_s) / 2.0;
-            plan.sessions as f64 / arrival_window_s * mean_life_s * plan.rate
-        }
+        Some(_) => totals.scheduled as f64 / window_s,
     };
     let cpu_us_per_msg = if totals.sent > 0 {
         cpu * 1e6 / totals.sent as f64
@@ -745,6 +749,10 @@ where
         0.0
     };
     Ok(LoadReport {
+        schema_version: SCHEMA_VERSION,
+        tool: Tool::this(),
+        started_at: host::utc_rfc3339(wall_start),
+        host: host::host(),
         scenario: Scenario {
             sessions: plan.sessions,
             rate: plan.rate,

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use loadgen::Host;
 use serde::{Deserialize, Serialize};
 
 use crate::charts::{self, Bar, BarChart, LineChart, Series};
@@ -42,43 +43,26 @@ pub const REFERENCES: [Reference; 2] = [
     },
 ];
 
-/// The machine a report was made on.
-#[derive(Debug, Clone, Serialize)]
-pub struct MachineInfo {
-    pub cores: usize,
-    pub cpu_model: String,
-    pub memory_gib: f64,
-    pub kernel: String,
-    pub os: String,
+/// The machine the results were measured on, as loadgen recorded it in each
+/// result (not the machine the report is rendered on): that of the first
+/// result that has one.
+pub fn recorded_machine(systems: &[SystemRounds]) -> Option<Host> {
+    systems
+        .iter()
+        .flat_map(|s| &s.runs)
+        .map(|r| &r.result.host)
+        .find(|h| h.cores > 0)
+        .cloned()
 }
 
-impl MachineInfo {
-    pub fn read() -> Self {
-        let mut sys = match sysinfo::System::new() {
-            Ok(sys) => sys,
-            Err(_) => {
-                return Self {
-                    cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
-                    cpu_model: "unknown".into(),
-                    memory_gib: 0.0,
-                    kernel: "unknown".into(),
-                    os: "unknown".into(),
-                };
-            }
-        };
-        sys.refresh_memory();
-        sys.refresh_cpu_list(sysinfo::CpuRefreshKind::nothing());
-        Self {
-            cores: sys.cpus().len(),
-            cpu_model: sys
-                .cpus()
-                .first()
-                .map(|c| c.brand().trim().to_string())
-                .unwrap_or_default(),
-            memory_gib: sys.total_memory() as f64 / (1u64 << 30) as f64,
-            kernel: sysinfo::System::kernel_version().unwrap_or_default(),
-            os: sysinfo::System::long_os_version().unwrap_or_default(),
-        }
+/// The report's machine line.
+fn machine_line(machine: Option<&Host>) -> String {
+    match machine {
+        Some(m) => format!(
+            "Machine (recorded by loadgen): {} cores, {}, {:.1} GiB memory, kernel {} ({}), host {}.",
+            m.cores, m.cpu_model, m.memory_gib, m.kernel, m.os, m.hostname
+        ),
+        None => "Machine: not recorded (results written before loadgen recorded its host).".into(),
     }
 }
 
@@ -98,7 +82,7 @@ pub struct RunNotes {
 
 #[derive(Serialize)]
 struct SummaryFile<'a> {
-    machine: &'a MachineInfo,
+    machine: Option<&'a Host>,
     notes: &'a RunNotes,
     systems: &'a [SystemSummary],
     ratios: &'a [Ratio],
@@ -274,6 +258,39 @@ fn rounds_table(summaries: &[SystemSummary]) -> String {
     }
     t
 }
+
+/// Sessions a second per system and, for sttproxy, what its pool did: leases
+/// a second, the share served by an already-open connection, connections
+/// opened per lease and the acquire wait. Empty when no round has pool figures.
+fn pool_table(summaries: &[SystemSummary]) -> String {
+    if summaries.iter().all(|s| s.pool_leases_per_s.is_none()) {
+        return String::new();
+    }
+    let mut t = String::from(
+        "| system | sessions/s (loadgen) | leases/s (pool) | reuse share | connections opened per lease | acquire wait p50 ms | acquire wait p99 ms |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for s in summaries {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            s.system,
+            fmt_spread(s.sessions_per_s, 1),
+            fmt_spread(s.pool_leases_per_s, 1),
+            fmt_spread(s.pool_reuse_share, 3),
+            fmt_spread(s.pool_opened_per_lease, 3),
+            fmt_spread(s.acquire_wait_p50_ms, 3),
+            fmt_spread(s.acquire_wait_p99_ms, 3),
+        );
+    }
+    t
+}
+
+const POOL_NOTE: &str = "Leases/s: sttproxy's leases (`sttproxy_acquire_total`) over the arrival window, \
+     from /metrics scraped before and after each round. Reuse share: leases served by an already-open \
+     connection (idle in the pool, or released by another session while waiting) / all leases; connections \
+     opened per lease: backend connections opened during the round (Δ live + Δ discarded) / leases. Acquire wait: \
+     from the `sttproxy_acquire_wait_seconds` histogram (bounds 0.1 ms × 4ᵏ), interpolated inside a bucket.";
 
 /// The memory bases each system's per-session figures are computed from.
 fn memory_lines(summaries: &[SystemSummary]) -> String {
@@ -508,12 +525,9 @@ const COLUMN_NOTE: &str = "Each cell is the median over the rounds; where a rang
      after start and before round 1 (process tree, once the RSS settled).";
 
 /// Write every chart and the report files into `dir`. Returns the Markdown.
-pub fn write(
-    dir: &Path,
-    systems: &[SystemRounds],
-    machine: &MachineInfo,
-    notes: &RunNotes,
-) -> anyhow::Result<String> {
+pub fn write(dir: &Path, systems: &[SystemRounds], notes: &RunNotes) -> anyhow::Result<String> {
+    let machine = recorded_machine(systems);
+    let machine = machine.as_ref();
     charts::register_font()?;
     let summaries: Vec<SystemSummary> = systems.iter().filter_map(SystemSummary::of).collect();
     let ratios = ratios(&summaries);
@@ -536,11 +550,7 @@ pub fn write(
         notes.rounds,
         orders.join("; ")
     );
-    let _ = writeln!(
-        md,
-        "Machine: {} cores, {}, {:.1} GiB memory, kernel {} ({}).\n",
-        machine.cores, machine.cpu_model, machine.memory_gib, machine.kernel, machine.os
-    );
+    let _ = writeln!(md, "{}\n", machine_line(machine));
     let _ = writeln!(md, "## Summary\n\n{}", summary_table(&summaries));
     let _ = writeln!(md, "{COLUMN_NOTE}\n");
     let mem = memory_lines(&summaries);
@@ -554,6 +564,10 @@ pub fn write(
             notes.rounds,
             ratio_lines(&ratios, notes.rounds)
         );
+    }
+    let pool = pool_table(&summaries);
+    if !pool.is_empty() {
+        let _ = writeln!(md, "## Sessions and the pool\n\n{pool}\n{POOL_NOTE}\n");
     }
     let sat = saturation_notes(systems);
     if !sat.is_empty() {

@@ -4,6 +4,7 @@
 //! the report (medians, ranges and same-round ratios).
 
 mod index;
+pub mod pool_metrics;
 mod systems;
 
 use std::path::{Path, PathBuf};
@@ -14,25 +15,71 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::procs::{Group, Proc};
-use crate::report::{self, MachineInfo, RunNotes};
+use crate::report::{self, RunNotes};
 use crate::results::SystemRounds;
 use crate::stats::round_order;
 pub use index::{RunIndex, SCHEMA};
 use systems::{Env, Running};
 
+/// Finite sessions arriving at a steady rate (the `churn` scenarios): every
+/// session is one lease of a backend connection from sttproxy's pool.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Churn {
+    /// Sessions starting a second, for `window_s` seconds.
+    pub arrivals_per_s: f64,
+    pub window_s: u64,
+    /// Lifetimes drawn uniformly from `[life_min_s, life_max_s]`.
+    pub life_min_s: u64,
+    pub life_max_s: u64,
+    /// Seed of the lifetimes: every round and system sees the same sessions.
+    pub seed: u64,
+}
+
+impl Churn {
+    fn mean_life_s(&self) -> f64 {
+        (self.life_min_s + self.life_max_s) as f64 / 2.0
+    }
+}
+
 /// A load scenario of the reproduction.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Scenario {
     pub name: &'static str,
+    /// Sessions started (with `churn`: over the arrival window, not at once).
     pub sessions: usize,
     pub rate: f64,
     pub size: usize,
     pub duration_s: u64,
     pub mode: &'static str,
     pub about: &'static str,
+    pub churn: Option<Churn>,
 }
 
-pub const SCENARIOS: [Scenario; 5] = [
+impl Scenario {
+    /// Sessions open at once: all of them, or with churn the steady state
+    /// (arrivals a second × mean lifetime).
+    pub fn concurrent(&self) -> usize {
+        self.churn.map_or(self.sessions, |c| {
+            (c.arrivals_per_s * c.mean_life_s()).ceil() as usize
+        })
+    }
+
+    /// Sessions that can be open at once at most (file descriptors).
+    pub fn peak_concurrent(&self) -> usize {
+        self.churn.map_or(self.sessions, |c| {
+            (c.arrivals_per_s * c.life_max_s as f64).ceil() as usize
+        })
+    }
+
+    /// How long one load takes: the streaming, or with churn the arrival
+    /// window plus the longest lifetime.
+    pub fn load_s(&self) -> u64 {
+        self.churn
+            .map_or(self.duration_s, |c| c.window_s + c.life_max_s)
+    }
+}
+
+pub const SCENARIOS: [Scenario; 7] = [
     Scenario {
         name: "reference",
         sessions: 3000,
@@ -41,6 +88,7 @@ pub const SCENARIOS: [Scenario; 5] = [
         duration_s: 60,
         mode: "echo",
         about: "the reference write-up's test: 3,000 sessions, no ramp, 100 msg/s of 1 KiB each, 60 s",
+        churn: None,
     },
     Scenario {
         name: "quick",
@@ -50,6 +98,7 @@ pub const SCENARIOS: [Scenario; 5] = [
         duration_s: 10,
         mode: "echo",
         about: "a 10-second, 300-session version of the reference test",
+        churn: None,
     },
     Scenario {
         name: "seed",
@@ -59,6 +108,7 @@ pub const SCENARIOS: [Scenario; 5] = [
         duration_s: 60,
         mode: "echo",
         about: "3,000 sessions × 10 msg/s × 1 KiB: a load every system here can carry",
+        churn: None,
     },
     Scenario {
         name: "stt",
@@ -68,6 +118,7 @@ pub const SCENARIOS: [Scenario; 5] = [
         duration_s: 30,
         mode: "stt",
         about: "1,000 sessions streaming 20 ms PCM chunks (50/s) to stt backends that answer partials",
+        churn: None,
     },
     Scenario {
         name: "idle-3000",
@@ -77,6 +128,41 @@ pub const SCENARIOS: [Scenario; 5] = [
         duration_s: 30,
         mode: "echo",
         about: "3,000 mostly idle sessions (one message per 5 s): memory per session",
+        churn: None,
+    },
+    Scenario {
+        name: "churn",
+        sessions: 15_000,
+        rate: 10.0,
+        size: 640,
+        duration_s: 30,
+        mode: "echo",
+        about: "finite sessions: 250 a second for 60 s, each living 3–30 s (uniform, seed 1), 10 msg/s × 640 B: \
+                250 leases a second through the pool",
+        churn: Some(Churn {
+            arrivals_per_s: 250.0,
+            window_s: 60,
+            life_min_s: 3,
+            life_max_s: 30,
+            seed: 1,
+        }),
+    },
+    Scenario {
+        name: "churn-quick",
+        sessions: 5_000,
+        rate: 10.0,
+        size: 640,
+        duration_s: 12,
+        mode: "echo",
+        about: "a shorter churn: 250 sessions a second for 20 s, each living 3–12 s (uniform, seed 1), \
+                10 msg/s × 640 B",
+        churn: Some(Churn {
+            arrivals_per_s: 250.0,
+            window_s: 20,
+            life_min_s: 3,
+            life_max_s: 12,
+            seed: 1,
+        }),
     },
 ];
 
@@ -117,29 +203,10 @@ fn target_dir(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target"))
 }
 
-/// UTC `YYYYMMDD-HHMMSS` without a date library.
+/// UTC `YYYYMMDD-HHMMSS` now: the default report directory's name.
 fn timestamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let (y, mo, d, h, mi, s) = loadgen::host::utc_parts(std::time::SystemTime::now());
+    format!("{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}")
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
@@ -292,7 +359,7 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
     };
     let s = opts.scenario;
     // Per system: the proxy holds 2 sockets a session, loadgen 1, the backends 1.
-    let need = s.sessions as u64 * 2 + 256;
+    let need = s.peak_concurrent() as u64 * 2 + 256;
     if fd < need {
         notes.notes.push(format!(
             "file descriptor limit {fd} is below the ≈{need} this scenario needs per process; expect refused sessions"
@@ -331,7 +398,7 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
         "loopback only; the load generator, 3 echo backends and the systems share this machine's {workers} cores"
     ));
     RunIndex::new(&notes, &measured).save(&out)?;
-    let md = report::write(&out, &measured, &MachineInfo::read(), &notes)?;
+    let md = report::write(&out, &measured, &notes)?;
     if let Some(summary) = md.split("## Summary").nth(1) {
         println!(
             "{}",
@@ -349,7 +416,7 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
 pub fn rerender(dir: &Path) -> anyhow::Result<()> {
     let index = RunIndex::load(dir)?;
     let systems = index.systems(dir)?;
-    report::write(dir, &systems, &MachineInfo::read(), &index.notes)?;
+    report::write(dir, &systems, &index.notes)?;
     Ok(())
 }
 
