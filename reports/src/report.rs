@@ -630,78 +630,39 @@ pub fn write(dir: &Path, systems: &[SystemRounds], notes: &RunNotes) -> anyhow::
     Ok(md)
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// Just enough Markdown for the report's own text: headings, tables, lists, paragraphs.
+/// The report's Markdown as HTML (CommonMark plus tables), by pulldown-cmark:
+/// code spans, emphasis and escaping as any Markdown reader shows them. Raw
+/// HTML in the text (a log line, an error message) is shown as text, never
+/// interpreted.
 fn markdown_to_html(md: &str) -> String {
+    use pulldown_cmark::Event;
+    let parser =
+        pulldown_cmark::Parser::new_ext(md, pulldown_cmark::Options::ENABLE_TABLES).map(|event| {
+            match event {
+                Event::Html(raw) | Event::InlineHtml(raw) => Event::Text(raw),
+                other => other,
+            }
+        });
     let mut out = String::new();
-    let mut in_table = false;
-    let mut in_list = false;
-    for line in md.lines() {
-        let bold = |s: &str| {
-            let mut r = String::new();
-            for (i, part) in escape(s).split("**").enumerate() {
-                if i % 2 == 1 {
-                    let _ = write!(r, "<b>{part}</b>");
-                } else {
-                    r.push_str(part);
-                }
-            }
-            r
-        };
-        if line.starts_with('|') {
-            if line.starts_with("|---") {
-                continue;
-            }
-            if !in_table {
-                out.push_str("<table>");
-                in_table = true;
-            }
-            out.push_str("<tr>");
-            for cell in line.trim_matches('|').split('|') {
-                let _ = write!(out, "<td>{}</td>", bold(cell.trim()));
-            }
-            out.push_str("</tr>");
-            continue;
-        } else if in_table {
-            out.push_str("</table>");
-            in_table = false;
-        }
-        if let Some(item) = line.strip_prefix("- ") {
-            if !in_list {
-                out.push_str("<ul>");
-                in_list = true;
-            }
-            let _ = write!(out, "<li>{}</li>", bold(item));
-            continue;
-        } else if in_list {
-            out.push_str("</ul>");
-            in_list = false;
-        }
-        if let Some(h) = line.strip_prefix("## ") {
-            let _ = write!(out, "<h2>{}</h2>", escape(h));
-        } else if let Some(h) = line.strip_prefix("# ") {
-            let _ = write!(out, "<h1>{}</h1>", escape(h));
-        } else if !line.trim().is_empty() {
-            let _ = write!(out, "<p>{}</p>", bold(line.trim_end_matches("  ")));
-        }
-    }
-    if in_table {
-        out.push_str("</table>");
-    }
-    if in_list {
-        out.push_str("</ul>");
-    }
+    pulldown_cmark::html::push_html(&mut out, parser);
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn markdown_renders_code_tables_and_escapes() {
+        let html = markdown_to_html(
+            "Command: `cargo repro --quick`  \nMachine: a <b> & c\n\n| a | b |\n|---|---|\n| **1** | 2 |\n",
+        );
+        assert!(html.contains("<code>cargo repro --quick</code>"), "{html}");
+        assert!(html.contains("a &lt;b&gt; &amp; c"), "{html}");
+        assert!(html.contains("<table>"), "{html}");
+        assert!(html.contains("<strong>1</strong>"), "{html}");
+        assert!(!html.contains('`'), "{html}");
+    }
     use crate::results::MemoryBase;
     use crate::results::testing::{result, run};
 
