@@ -421,6 +421,15 @@ fn charts(
             .map(|e| (e.t, e.received as f64))
             .collect()
     });
+    // Seconds with nothing received have no p99 (loadgen writes 0): left out.
+    let p99_over_time = over_time(systems, "p99 latency per second (ms)", "ms", |r| {
+        r.result
+            .timeline
+            .iter()
+            .filter(|e| e.received > 0)
+            .map(|e| (e.t, e.p99_ms))
+            .collect()
+    });
     let percentiles: [fn(&crate::results::Latency) -> f64; 5] =
         [|l| l.p50, |l| l.p90, |l| l.p99, |l| l.p999, |l| l.max];
     let latency = BarChart {
@@ -501,6 +510,10 @@ fn charts(
         charts::render(&throughput, dir, "throughput")?,
     ));
     svgs.push(("latency".into(), charts::render(&latency, dir, "latency")?));
+    svgs.push((
+        "p99_over_time".into(),
+        charts::render(&p99_over_time, dir, "p99_over_time")?,
+    ));
     svgs.push(("memory".into(), charts::render(&memory, dir, "memory")?));
     svgs.push((
         "reference".into(),

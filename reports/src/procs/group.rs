@@ -263,3 +263,60 @@ impl Drop for Group {
         self.stop(Duration::from_secs(5));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pids whose parent is `ppid` (from /proc).
+    fn children_of(ppid: u32) -> Vec<u32> {
+        let procs = loadgen::procfs::all_processes();
+        procs
+            .iter()
+            .filter(|p| p.ppid == ppid)
+            .map(|p| p.pid)
+            .collect()
+    }
+
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| Some(s.get(s.rfind(')')? + 2..)?.starts_with('Z')))
+            .is_some_and(|zombie| !zombie)
+    }
+
+    #[test]
+    fn stop_ends_the_leader_and_the_workers_it_forked() {
+        // A leader that forks a worker ignoring SIGTERM, then waits: only the
+        // SIGKILL to the group after the grace can end the worker.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "(trap '' TERM; sleep 60) & wait"]);
+        let mut g = match Group::spawn("forking", cmd) {
+            Ok(g) => g,
+            Err(e) => panic!("spawn: {e:#}"),
+        };
+        let leader = g.pid();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let worker = loop {
+            if let Some(&w) = children_of(leader).first() {
+                break w;
+            }
+            assert!(Instant::now() < deadline, "the worker never started");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(registry().groups.contains(&(leader as libc::pid_t)));
+        let started = Instant::now();
+        g.stop(Duration::from_millis(300));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(worker) {
+            assert!(
+                Instant::now() < deadline,
+                "worker {worker} survived the group stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(leader));
+        assert!(!registry().groups.contains(&(leader as libc::pid_t)));
+    }
+}
