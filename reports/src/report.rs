@@ -156,11 +156,11 @@ pub fn summary_table(summaries: &[SystemSummary]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| system | rounds | sessions | offered msg/s | achieved msg/s | lost | p50 ms | p99 ms | p99.9 ms | CPU cores | CPU µs/msg (own) | CPU µs/msg (machine) | RSS avg MB | RSS peak MB | KiB/session incl. backend conns | KiB/session above warm pool |"
+        "| system | rounds | sessions | offered msg/s | achieved msg/s | lost | unsent | p50 ms | p99 ms | p99.9 ms | send lag p99 ms | CPU cores | CPU µs/msg (own) | CPU µs/msg (machine) | RSS avg MB | RSS peak MB | KiB/session incl. backend conns | KiB/session above warm pool |"
     );
     let _ = writeln!(
         t,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for s in summaries {
         let saturated = match s.saturated_rounds {
@@ -169,7 +169,7 @@ pub fn summary_table(summaries: &[SystemSummary]) -> String {
         };
         let _ = writeln!(
             t,
-            "| {}{saturated} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {}{saturated} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.system,
             s.rounds,
             fmt_median(s.sessions_connected, 0),
@@ -177,9 +177,11 @@ pub fn summary_table(summaries: &[SystemSummary]) -> String {
             fmt_median(s.offered_per_s, 0),
             fmt_spread(s.achieved_per_s, 0),
             fmt_median(s.lost, 0),
+            fmt_median(s.unsent, 0),
             fmt_median(s.p50_ms, 2),
             fmt_spread(s.p99_ms, 2),
             fmt_median(s.p999_ms, 2),
+            fmt_median(s.send_lag_p99_ms, 2),
             fmt_median(s.cpu_cores, 3),
             fmt_spread(s.cpu_us_per_msg, 2),
             fmt_median(s.machine_cpu_us_per_msg, 2),
@@ -525,7 +527,10 @@ fn charts(
 /// What the columns mean; the memory columns exactly, since two different
 /// bases make two different figures.
 const COLUMN_NOTE: &str = "Each cell is the median over the rounds; where a range follows in parentheses it is the \
-     min–max over the rounds. CPU µs/msg (own): the server's CPU time (its whole process tree) per delivered \
+     min–max over the rounds. Lost: sent but never received back; unsent: scheduled but never sent (slots before \
+     a late connect, every slot of a session that could not connect, or a backpressured socket); neither is in the \
+     latency percentiles, which are from each message's intended send time. Send lag p99: how late the load \
+     generator itself sent, the part of the latency that is not the server's. CPU µs/msg (own): the server's CPU time (its whole process tree) per delivered \
      round-trip message. CPU µs/msg (machine): the whole machine's busy CPU per delivered message — backends, \
      load generator, the other (idle) systems and the kernel's loopback TCP work (softirq time no process is \
      charged for) included. KiB/session incl. backend conns: (average RSS under load − RSS holding no backend \
