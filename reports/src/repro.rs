@@ -217,11 +217,26 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The Python baseline's virtualenv being prepared (mostly downloads; its log
+/// in `out/venv.err`), or why its preparation could not start.
+type VenvPrep = Result<Proc, String>;
+
+/// Wait for the virtualenv: `Err` says why the baseline is skipped.
+fn venv_ready(prep: VenvPrep) -> Result<(), String> {
+    let mut child = prep?;
+    match child.wait(Duration::from_secs(900)) {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(format!(
+            "preparing its virtualenv failed ({status}); see venv.err"
+        )),
+        Err(e) => Err(format!("preparing its virtualenv: {e:#}")),
+    }
+}
+
 /// Build the release binaries (unless `no_build`) while the Python baseline's
-/// virtualenv is prepared alongside (mostly downloads; its log in
-/// `out/venv.err`). Returns whether the virtualenv is ready: a failure there
-/// skips the baseline, not the run.
-fn build(root: &Path, out: &Path, no_build: bool) -> anyhow::Result<Result<(), String>> {
+/// virtualenv is prepared alongside; the preparation is waited for only when
+/// the baseline is started (a failure there skips the baseline, not the run).
+fn build(root: &Path, out: &Path, no_build: bool) -> anyhow::Result<VenvPrep> {
     let mut venv_cmd = Command::new("bash");
     venv_cmd
         .arg(root.join("baseline/python/run.sh"))
@@ -246,16 +261,7 @@ fn build(root: &Path, out: &Path, no_build: bool) -> anyhow::Result<Result<(), S
             bail!("cargo build failed ({status})");
         }
     }
-    Ok(match venv {
-        Ok(mut child) => match child.wait(Duration::from_secs(900)) {
-            Ok(status) if status.success() => Ok(()),
-            Ok(status) => Err(format!(
-                "preparing its virtualenv failed ({status}); see venv.err"
-            )),
-            Err(e) => Err(format!("preparing its virtualenv: {e:#}")),
-        },
-        Err(e) => Err(format!("starting baseline/python/run.sh: {e:#}")),
-    })
+    Ok(venv.map_err(|e| format!("starting baseline/python/run.sh: {e:#}")))
 }
 
 /// Start the 3 echo backends; returns them and their URLs.
@@ -274,11 +280,7 @@ fn start_backends(bin: &Path, out: &Path, mode: &str) -> anyhow::Result<(Vec<Pro
 
 /// Start every system, sttproxy first (without it there is nothing to
 /// report); a baseline that cannot start is noted as skipped.
-fn start_systems(
-    env: &Env,
-    venv_ready: Result<(), String>,
-    notes: &mut RunNotes,
-) -> anyhow::Result<Vec<Running>> {
+fn start_systems(env: &Env, venv: VenvPrep, notes: &mut RunNotes) -> anyhow::Result<Vec<Running>> {
     let mut systems = vec![env.start_sttproxy().context("starting sttproxy")?];
     let target = env.sttproxy_target();
     notes.notes.push(format!(
@@ -287,7 +289,7 @@ fn start_systems(
         env.backend_urls.len(),
         target * 2
     ));
-    match venv_ready
+    match venv_ready(venv)
         .map_err(anyhow::Error::msg)
         .and_then(|()| env.start_python())
     {
@@ -349,7 +351,7 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
         None => root.join("reports/out").join(timestamp()),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let venv_ready = build(&root, &out, opts.no_build)?;
+    let venv = build(&root, &out, opts.no_build)?;
     let fd = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
     let mut notes = RunNotes {
         scenario: format!("{} — {}", opts.scenario.name, opts.scenario.about),
@@ -375,7 +377,7 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
         backend_urls: urls,
         workers,
     };
-    let systems = start_systems(&env, venv_ready, &mut notes)?;
+    let systems = start_systems(&env, venv, &mut notes)?;
     let measured = measure_rounds(&env, &systems, opts.rounds, &mut notes);
     let started = systems.len();
     for sys in systems {

@@ -121,10 +121,13 @@ fn sigkill_of_repro_leaves_no_child_behind() {
     };
     let root = child.id();
 
-    // Wait (bounded) until sttproxy and loadgen run: then every kind of child
-    // but the optional baselines exists.
+    // Wait (bounded) until the 3 echo backends and sttproxy run (the
+    // virtualenv's preparation, a process tree of its own, started before
+    // them), then for loadgen — which starts only once the virtualenv is ready
+    // and the baseline started — for at most 30 s more.
     let mut seen: BTreeMap<u32, Seen> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(90);
+    let mut core_seen_at: Option<Instant> = None;
     loop {
         let procs = all();
         for pid in descendants(root, &procs) {
@@ -132,8 +135,13 @@ fn sigkill_of_repro_leaves_no_child_behind() {
                 seen.entry(pid).or_insert_with(|| s.clone());
             }
         }
-        let running = |name: &str| seen.values().any(|s| s.comm == name);
-        if running("sttproxy") && running("loadgen") && running("echo-backend") {
+        let count = |name: &str| seen.values().filter(|s| s.comm == name).count();
+        if core_seen_at.is_none() && count("sttproxy") >= 1 && count("echo-backend") >= 3 {
+            core_seen_at = Some(Instant::now());
+        }
+        if count("loadgen") >= 1
+            || core_seen_at.is_some_and(|t| t.elapsed() > Duration::from_secs(30))
+        {
             break;
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -149,6 +157,11 @@ fn sigkill_of_repro_leaves_no_child_behind() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    eprintln!(
+        "killing repro with its tree of {} processes: {:?}",
+        seen.len(),
+        seen.values().map(|s| s.comm.as_str()).collect::<Vec<_>>()
+    );
     if let Err(e) = child.kill() {
         panic!("kill -9 repro: {e}");
     }
