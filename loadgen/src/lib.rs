@@ -26,7 +26,9 @@
 
 pub mod proto;
 
+pub mod host;
 pub mod procfs;
+mod progress;
 mod report;
 mod sampler;
 mod shard;
@@ -43,7 +45,7 @@ use std::time::{Duration, Instant, SystemTime};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::serialization::interval_log::{IntervalLogWriter, IntervalLogWriterBuilder};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::MissedTickBehavior;
@@ -51,14 +53,14 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub use report::{
-    Latency, LoadReport, LoadgenSelf, Machine, MachineSample, MessageCounts, Scenario,
-    SessionCounts, Throughput, TimelineEntry, WatchSample, Watched,
+    Host, Latency, LoadReport, LoadgenSelf, Machine, MachineSample, MessageCounts, SCHEMA_VERSION,
+    Scenario, SessionCounts, Throughput, TimelineEntry, Tool, WatchSample, Watched,
 };
 
 use shard::{Event, NewConn, Schedule, ShardParams, Totals};
 
 /// What the sessions send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Text messages of `size` bytes with a header, echoed back by the server.
@@ -79,10 +81,17 @@ pub struct LoadConfig {
     pub rate: f64,
     /// Bytes per message (echo mode), clamped to `proto::MIN_SIZE..=proto::MAX_SIZE`.
     pub size: usize,
-    /// How long each session streams.
+    /// How long each session streams (with `lifetime`: the longest a session streams).
     pub duration: Duration,
-    /// Session `i` starts at `ramp * i / sessions`.
+    /// Session `i` starts at `ramp * i / sessions`: sessions arrive at a steady
+    /// `sessions / ramp` per second.
     pub ramp: Duration,
+    /// Finite, varied sessions (churn): each session streams for a length drawn
+    /// uniformly from `lifetime..=duration` (repeatably, from `seed`) instead of
+    /// `duration`. `None`: every session streams for `duration`.
+    pub lifetime: Option<Duration>,
+    /// Seed of the lifetimes.
+    pub seed: u64,
     pub mode: Mode,
     /// Processes to sample (with all their descendants) once a second.
     pub watch_pids: Vec<u32>,
@@ -93,7 +102,8 @@ pub struct LoadConfig {
     /// How long a session waits for `session.ended` (or the server's Close) after
     /// `session.end`.
     pub drain_timeout: Duration,
-    /// Draw a live progress line on stderr (only when stderr is a terminal).
+    /// Report progress on stderr: a live line on a terminal, else one line every
+    /// few seconds.
     pub progress: bool,
     /// Sender/receiver tasks; `None` picks from the session count and the cores.
     pub shards: Option<usize>,
@@ -111,6 +121,8 @@ impl LoadConfig {
             size: 1024,
             duration: Duration::from_secs(60),
             ramp: Duration::ZERO,
+            lifetime: None,
+            seed: 1,
             mode: Mode::Echo,
             watch_pids: Vec::new(),
             hist_log: None,
@@ -178,6 +190,14 @@ fn plan(config: &LoadConfig) -> Result<Plan, Error> {
     }
     if config.duration.is_zero() {
         return Err(Error::Config("--duration must be more than 0".into()));
+    }
+    if config
+        .lifetime
+        .is_some_and(|l| l.is_zero() || l > config.duration)
+    {
+        return Err(Error::Config(
+            "the shortest lifetime must be more than 0 and at most --duration".into(),
+        ));
     }
     if config.tick.is_zero() {
         return Err(Error::Config("tick must be more than 0".into()));
@@ -277,8 +297,10 @@ impl Collector<'_, '_> {
                 let _ = self.connect.record(us.max(1));
             }
             Event::NotStarted => self.not_started += 1,
-            Event::ConnectFailed { kind } => {
+            Event::ConnectFailed { kind, slots } => {
                 self.connect_failed += 1;
+                self.totals.scheduled += slots;
+                self.totals.unsent += slots;
                 *self.errors.entry(kind).or_default() += 1;
             }
             Event::Error { kind } => *self.errors.entry(kind).or_default() += 1,
@@ -469,6 +491,8 @@ where
         period_ns: 1e9 / plan.rate,
         ramp_ns: config.ramp.as_nanos() as u64,
         duration_ns: config.duration.as_nanos() as u64,
+        min_life_ns: config.lifetime.unwrap_or(config.duration).as_nanos() as u64,
+        seed: config.seed,
     };
     let drain_ns = config.drain_timeout.as_nanos() as u64;
     let stop_drain = STOP_DRAIN.min(config.drain_timeout);
@@ -511,6 +535,7 @@ where
         let size = plan.size;
         let connect_timeout = config.connect_timeout;
         let planned = start + Duration::from_nanos(sched.planned_start_ns(index));
+        let slots = sched.planned_slots(index);
         let end = start + Duration::from_nanos(sched.end_ns(index));
         connect_tasks.push(tokio::spawn(async move {
             let stopped = async move {
@@ -540,11 +565,12 @@ where
                     let _ = conn_tx.send(NewConn { index, ws });
                 }
                 Ok(Err(kind)) => {
-                    let _ = ev.send(Event::ConnectFailed { kind });
+                    let _ = ev.send(Event::ConnectFailed { kind, slots });
                 }
                 Err(_) => {
                     let _ = ev.send(Event::ConnectFailed {
                         kind: "connect_timeout".into(),
+                        slots,
                     });
                 }
             }
@@ -606,7 +632,7 @@ where
         last_second: None,
     };
 
-    let progress = progress_bar(config.progress);
+    let mut progress = progress::Progress::new(config.progress);
     let grace = Duration::from_millis(500);
     let mut hard_deadline = start + config.ramp + config.duration + config.drain_timeout + grace;
     let mut ticker = tokio::time::interval_at(
@@ -624,10 +650,10 @@ where
                 None => break,
             },
             _ = ticker.tick() => {
-                if let Some(pb) = &progress {
+                if let Some(p) = progress.as_mut() {
                     let (sent, received, p99) = col.last_second.unwrap_or((0, 0, 0.0));
                     let errs: u64 = col.errors.values().sum();
-                    pb.set_message(format!(
+                    p.update(format!(
                         "{:>5.0}s  sessions {}/{}  sent {sent}/s  recv {received}/s  p99 {p99:.1} ms  errors {errs}",
                         start.elapsed().as_secs_f64(),
                         col.connected,
@@ -657,8 +683,8 @@ where
     let cpu = procfs::self_cpu_seconds(clk_tck) - cpu0;
     let _ = sampler_stop.send(());
     let (watched, machine) = sampler_task.await.unwrap_or_default();
-    if let Some(pb) = progress {
-        pb.finish_and_clear();
+    if let Some(p) = progress {
+        p.finish();
     }
 
     let Collector {
@@ -699,15 +725,34 @@ where
         .saturating_sub(connected + connect_failed + not_started);
     let duration_s = config.duration.as_secs_f64();
     // Rates are per second of streaming: the duration, or less when stopped early.
-    let window_s = stopped_at.map_or(duration_s, |at: Duration| {
-        at.as_secs_f64().min(duration_s).max(1e-3)
+    // With churn the streaming spans the ramp plus the longest lifetime.
+    let span_s = if config.lifetime.is_some() {
+        config.ramp.as_secs_f64() + duration_s
+    } else {
+        duration_s
+    };
+    let window_s = stopped_at.map_or(span_s, |at: Duration| {
+        at.as_secs_f64().min(span_s).max(1e-3)
     });
+    let arrival_window_s = if config.ramp.is_zero() {
+        duration_s
+    } else {
+        config.ramp.as_secs_f64()
+    };
+    let offered_per_s = match config.lifetime {
+        None => plan.sessions as f64 * plan.rate,
+        Some(_) => totals.scheduled as f64 / window_s,
+    };
     let cpu_us_per_msg = if totals.sent > 0 {
         cpu * 1e6 / totals.sent as f64
     } else {
         0.0
     };
     Ok(LoadReport {
+        schema_version: SCHEMA_VERSION,
+        tool: Tool::this(),
+        started_at: host::utc_rfc3339(wall_start),
+        host: host::host(),
         scenario: Scenario {
             sessions: plan.sessions,
             rate: plan.rate,
@@ -716,6 +761,8 @@ where
             mode: config.mode,
             urls: config.urls.clone(),
             ramp_s: config.ramp.as_secs_f64(),
+            lifetime_min_s: config.lifetime.map(|l| l.as_secs_f64()),
+            seed: config.lifetime.map(|_| config.seed),
             connect_timeout_s: config.connect_timeout.as_secs_f64(),
             drain_timeout_s: config.drain_timeout.as_secs_f64(),
         },
@@ -739,10 +786,11 @@ where
             finals: totals.finals,
         },
         throughput: Throughput {
-            offered_per_s: sampler::round3(plan.sessions as f64 * plan.rate),
+            offered_per_s: sampler::round3(offered_per_s),
             achieved_per_s: sampler::round3(totals.received as f64 / window_s),
             sent_per_s: sampler::round3(totals.sent as f64 / window_s),
             window_s: sampler::round3(window_s),
+            sessions_per_s: sampler::round3(connected as f64 / arrival_window_s),
         },
         latency_ms: latency_of(&total),
         send_lag_ms: latency_of(&send_lag),
@@ -762,21 +810,4 @@ where
         elapsed_s: sampler::round3(elapsed),
         stopped_early,
     })
-}
-
-fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
-    use std::io::IsTerminal;
-    if !enabled || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let pb = indicatif::ProgressBar::with_draw_target(
-        None,
-        indicatif::ProgressDrawTarget::stderr_with_hz(2),
-    );
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg}") {
-        pb.set_style(style);
-    }
-    pb.set_message("connecting...");
-    pb.enable_steady_tick(Duration::from_millis(500));
-    Some(pb)
 }

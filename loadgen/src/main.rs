@@ -36,8 +36,16 @@ struct Args {
     #[arg(long, default_value_t = 1024)]
     size: usize,
     /// How long each session streams.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, conflicts_with = "lifetime")]
     duration: Duration,
+    /// Churn: each session streams for a length drawn uniformly from MIN..MAX
+    /// (e.g. 3s..30s; repeatable with --seed) instead of --duration. With
+    /// --ramp, sessions arrive at a steady --sessions / --ramp a second.
+    #[arg(long, value_name = "MIN..MAX", value_parser = parse_lifetime)]
+    lifetime: Option<(Duration, Duration)>,
+    /// Seed of the --lifetime draws.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Spread the session starts over this long.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     ramp: Duration,
@@ -73,6 +81,19 @@ struct Args {
     tick: Duration,
 }
 
+/// `MIN..MAX` of two durations, MIN ≤ MAX.
+fn parse_lifetime(text: &str) -> Result<(Duration, Duration), String> {
+    let (min, max) = text
+        .split_once("..")
+        .ok_or_else(|| format!("{text:?} is not MIN..MAX (e.g. 3s..30s)"))?;
+    let min = humantime::parse_duration(min.trim()).map_err(|e| format!("{min:?}: {e}"))?;
+    let max = humantime::parse_duration(max.trim()).map_err(|e| format!("{max:?}: {e}"))?;
+    if min.is_zero() || min > max {
+        return Err(format!("{text:?}: need 0 < MIN <= MAX"));
+    }
+    Ok((min, max))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -95,6 +116,11 @@ fn main() -> anyhow::Result<()> {
     config.rate = args.rate;
     config.size = args.size;
     config.duration = args.duration;
+    if let Some((min, max)) = args.lifetime {
+        config.lifetime = Some(min);
+        config.duration = max;
+    }
+    config.seed = args.seed;
     config.ramp = args.ramp;
     config.mode = match args.mode {
         ModeArg::Echo => loadgen::Mode::Echo,

@@ -1,16 +1,34 @@
-//! The result of a run: the `--json` schema (docs/architecture.md; plus a few extra keys) and
-//! the human summary printed by `--format text`.
+//! The result of a run — the `--json` format, defined here once for loadgen and the
+//! reports that read it (docs/results-schema.md) — and the human summary printed by
+//! `--format text`.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Mode;
 
-/// Everything a run measured. Serializes to the `--json` result format.
-#[derive(Debug, Clone, Serialize)]
+/// The version of the `--json` result format written by this loadgen. Readers
+/// accept older files (every field has a default) and say when a file is
+/// newer than they know. 2: schema_version, tool, started_at, host; churn
+/// (lifetime_min_s, seed, sessions_per_s); unsent includes the slots of late
+/// and failed connects. 1 (no field): before.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Everything a run measured. Serializes to the `--json` result format
+/// (docs/results-schema.md); every field defaults when absent, so older results
+/// still read.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LoadReport {
+    /// [`SCHEMA_VERSION`] of the writer; 0 in files written before the field.
+    pub schema_version: u32,
+    pub tool: Tool,
+    /// When the run started, UTC, RFC 3339 (`2026-12-01T22:45:00Z`).
+    pub started_at: String,
+    /// The machine the run was measured on.
+    pub host: Host,
     pub scenario: Scenario,
     pub sessions: SessionCounts,
     pub messages: MessageCounts,
@@ -37,23 +55,64 @@ pub struct LoadReport {
     pub stopped_early: bool,
 }
 
+/// The program that wrote a result.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Tool {
+    pub name: String,
+    pub version: String,
+}
+
+impl Tool {
+    pub fn this() -> Self {
+        Self {
+            name: env!("CARGO_PKG_NAME").to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// The machine a run was measured on (from /proc and /etc/os-release; a field
+/// that cannot be read is empty or 0).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Host {
+    pub hostname: String,
+    /// Cores the scheduler offers (available parallelism).
+    pub cores: usize,
+    pub cpu_model: String,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub os: String,
+}
+
 /// What was asked for (after clamping: these are the values that ran).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Scenario {
     pub sessions: usize,
     /// Messages per second and session.
     pub rate: f64,
     /// Bytes per message.
     pub size: usize,
+    /// How long each session streams; with `lifetime_min_s`, the longest.
     pub duration_s: f64,
     pub mode: Mode,
     pub urls: Vec<String>,
+    /// Session starts spread over this long (`sessions / ramp_s` arrivals a second).
     pub ramp_s: f64,
+    /// Churn: lifetimes drawn uniformly from `[lifetime_min_s, duration_s]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime_min_s: Option<f64>,
+    /// Seed of the lifetimes (with `lifetime_min_s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     pub connect_timeout_s: f64,
     pub drain_timeout_s: f64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SessionCounts {
     pub target: usize,
     /// Sessions whose WebSocket handshake succeeded.
@@ -68,7 +127,8 @@ pub struct SessionCounts {
     pub not_started: usize,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MessageCounts {
     /// Data messages (echo) or audio chunks (stt) handed to the socket.
     pub sent: u64,
@@ -91,19 +151,27 @@ pub struct MessageCounts {
     pub finals: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Throughput {
-    /// sessions × rate.
+    /// Messages a second the schedule calls for: sessions × rate; with churn
+    /// (sessions come and go), the scheduled messages / window_s.
     pub offered_per_s: f64,
     /// received / window_s.
     pub achieved_per_s: f64,
     /// sent / window_s.
     pub sent_per_s: f64,
-    /// Seconds the rates are over: the duration, or the time to an early stop.
+    /// Seconds the rates are over: the duration (with churn: ramp + longest
+    /// lifetime), or the time to an early stop.
     pub window_s: f64,
+    /// Sessions connected a second over the arrival window (the ramp; the
+    /// duration without one): with churn, the leases a proxy hands out a second.
+    #[serde(default)]
+    pub sessions_per_s: f64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Latency {
     pub p50: f64,
     pub p90: f64,
@@ -116,7 +184,8 @@ pub struct Latency {
 }
 
 /// One watched process tree (the pid and all its descendants).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Watched {
     pub pid: u32,
     pub name: String,
@@ -134,7 +203,8 @@ pub struct Watched {
     pub samples: Vec<WatchSample>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct WatchSample {
     /// Seconds since run start.
     pub t: f64,
@@ -143,21 +213,24 @@ pub struct WatchSample {
 }
 
 /// The whole machine's busy CPU (everything but idle and iowait, softirq included).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Machine {
     pub cpu_seconds: f64,
     pub cpu_cores_avg: f64,
     pub samples: Vec<MachineSample>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MachineSample {
     pub t: f64,
     pub cpu_cores: f64,
 }
 
 /// The load generator's own cost.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LoadgenSelf {
     /// CPU seconds of this process over the run (/proc/self/stat). In-process callers
     /// (tests) include whatever else runs in their process.
@@ -171,7 +244,8 @@ pub struct LoadgenSelf {
     pub fd_hard_limit: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TimelineEntry {
     /// End of the one-second interval, seconds since run start.
     pub t: f64,
@@ -201,6 +275,16 @@ impl fmt::Display for LoadReport {
                 ""
             }
         )?;
+        if let Some(min) = s.lifetime_min_s {
+            writeln!(
+                f,
+                "  churn:      lifetimes {min}..{} s (seed {}), {:.1} arrivals/s over {} s",
+                s.duration_s,
+                s.seed.unwrap_or_default(),
+                s.sessions as f64 / s.ramp_s.max(1e-9),
+                s.ramp_s
+            )?;
+        }
         writeln!(f, "  urls:       {}", s.urls.join(" "))?;
         let c = &self.sessions;
         writeln!(
@@ -228,10 +312,11 @@ impl fmt::Display for LoadReport {
         }
         writeln!(
             f,
-            "  throughput: offered {:.0}/s achieved {:.0}/s (sent {:.0}/s)",
+            "  throughput: offered {:.0}/s achieved {:.0}/s (sent {:.0}/s), sessions {:.1}/s",
             self.throughput.offered_per_s,
             self.throughput.achieved_per_s,
-            self.throughput.sent_per_s
+            self.throughput.sent_per_s,
+            self.throughput.sessions_per_s
         )?;
         let l = &self.latency_ms;
         writeln!(

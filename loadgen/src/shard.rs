@@ -46,15 +46,30 @@ const BURST: u64 = 64;
 
 /// When each session's messages are due. All times are ns since run start.
 ///
-/// Session `i` of `n` starts at `ramp * i / n` and streams for `duration`. Its messages
-/// sit on a grid of period `1 / rate` shifted by `period * i / n`, so the sessions' sends
-/// are spread evenly over each period instead of bunching in the same millisecond.
+/// Session `i` of `n` starts at `ramp * i / n` (a steady arrival rate of `n / ramp`)
+/// and streams for its lifetime: `duration`, or — with `min_life_ns < duration_ns` —
+/// a length drawn uniformly from `[min_life, duration]` by a hash of `(seed, i)`, so a
+/// run is repeatable. Its messages sit on a grid of period `1 / rate` shifted by
+/// `period * i / n`, so the sessions' sends are spread evenly over each period
+/// instead of bunching in the same millisecond.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Schedule {
     pub sessions: usize,
     pub period_ns: f64,
     pub ramp_ns: u64,
+    /// The longest lifetime (every session's, when lifetimes are fixed).
     pub duration_ns: u64,
+    /// The shortest lifetime; equal to `duration_ns` for fixed lifetimes.
+    pub min_life_ns: u64,
+    pub seed: u64,
+}
+
+/// SplitMix64: a fixed, well-mixed hash of one word (no dependency, no state).
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl Schedule {
@@ -62,8 +77,18 @@ impl Schedule {
         (self.ramp_ns as f64 * f64::from(i) / self.sessions as f64) as u64
     }
 
+    /// How long session `i` streams.
+    pub(crate) fn lifetime_ns(&self, i: u32) -> u64 {
+        let span = self.duration_ns.saturating_sub(self.min_life_ns);
+        if span == 0 {
+            return self.duration_ns;
+        }
+        let unit = (splitmix64(self.seed ^ u64::from(i)) >> 11) as f64 / (1u64 << 53) as f64;
+        self.min_life_ns + (unit * span as f64) as u64
+    }
+
     pub(crate) fn end_ns(&self, i: u32) -> u64 {
-        self.planned_start_ns(i) + self.duration_ns
+        self.planned_start_ns(i) + self.lifetime_ns(i)
     }
 
     /// Most slots any session can have.
@@ -85,6 +110,11 @@ impl Schedule {
         };
         (base, total.min(self.capacity()))
     }
+
+    /// Slots the schedule gives session `i` from its planned start.
+    pub(crate) fn planned_slots(&self, i: u32) -> u64 {
+        self.slots(i, 0).1
+    }
 }
 
 /// What shards and connect tasks tell the collector.
@@ -97,6 +127,8 @@ pub(crate) enum Event {
     NotStarted,
     ConnectFailed {
         kind: String,
+        /// The session's planned slots, all unsent.
+        slots: u64,
     },
     Error {
         kind: String,
@@ -233,6 +265,9 @@ struct Session {
     cross_session: u64,
     finals: u64,
     unsent: u64,
+    /// Slots due before the session connected (late connect): in the schedule,
+    /// counted as unsent.
+    missed: u64,
     got_ended: bool,
     close_code: Option<u16>,
     stt_id: Option<serde_json::Value>,
@@ -592,6 +627,8 @@ impl Shard {
     fn add(&mut self, c: NewConn) {
         let now = self.now_ns();
         let (base_ns, total) = self.sched.slots(c.index, now);
+        // Slots due before the session connected: kept in the schedule, never sent.
+        let missed = self.sched.planned_slots(c.index).saturating_sub(total);
         let mut end_ns = self.sched.end_ns(c.index);
         let mut drain_ns = self.drain_ns;
         if self.stopping {
@@ -621,6 +658,7 @@ impl Shard {
             cross_session: 0,
             finals: 0,
             unsent: 0,
+            missed,
             got_ended: false,
             close_code: None,
             stt_id: None,
@@ -836,14 +874,14 @@ impl Shard {
         } else {
             s.unsent
         };
-        t.scheduled += s.total;
+        t.scheduled += s.total + s.missed;
         t.sent += sent;
         t.received += s.received;
         t.lost += sent.saturating_sub(s.received);
         t.duplicated += s.duplicated;
         t.out_of_order += s.out_of_order;
         t.cross_session += s.cross_session;
-        t.unsent += unsent;
+        t.unsent += unsent + s.missed;
         t.finals += s.finals;
         match outcome {
             None => t.completed += 1,
@@ -1010,6 +1048,8 @@ mod tests {
             period_ns: 1e9 / rate,
             ramp_ns: ramp_s * NS_PER_S,
             duration_ns: duration_s * NS_PER_S,
+            min_life_ns: duration_s * NS_PER_S,
+            seed: 0,
         }
     }
 
@@ -1042,6 +1082,36 @@ mod tests {
         assert!(s.slots(5, 0).0 >= 5e9);
         assert_eq!(s.slots(5, 0).1, 50);
         assert!(s.slots(9, 0).1 <= s.capacity());
+    }
+
+    #[test]
+    fn lifetimes_are_uniform_in_their_range_and_repeatable() {
+        let mut s = sched(10_000, 10.0, 40, 30);
+        s.min_life_ns = 3 * NS_PER_S;
+        s.seed = 7;
+        let lives: Vec<u64> = (0..10_000).map(|i| s.lifetime_ns(i)).collect();
+        assert!(
+            lives
+                .iter()
+                .all(|&l| (3 * NS_PER_S..=30 * NS_PER_S).contains(&l))
+        );
+        let mean = lives.iter().sum::<u64>() as f64 / lives.len() as f64 / 1e9;
+        assert!((mean - 16.5).abs() < 0.5, "mean lifetime {mean} s");
+        let short = lives.iter().filter(|&&l| l < 6 * NS_PER_S).count();
+        assert!((900..1300).contains(&short), "{short} of 10000 below 6 s");
+        assert_eq!(s.lifetime_ns(42), lives[42]);
+        assert_eq!(s.end_ns(42), s.planned_start_ns(42) + lives[42]);
+        assert!(s.planned_slots(42) <= s.capacity());
+        s.seed = 8;
+        assert_ne!(s.lifetime_ns(42), lives[42]);
+    }
+
+    #[test]
+    fn a_late_connection_misses_its_early_slots() {
+        let s = sched(4, 100.0, 0, 1);
+        let (_, total) = s.slots(1, 500_000_000);
+        assert_eq!(s.planned_slots(1), 100);
+        assert_eq!(s.planned_slots(1) - total, 50);
     }
 
     #[test]

@@ -32,8 +32,11 @@ async fn plain_echo_returns_every_message() {
     assert_eq!(m.cross_session, 0);
     assert_eq!(m.duplicated, 0);
     assert_eq!(m.received, m.sent);
-    assert_eq!(m.unsent, 0);
-    // 20 sessions × 50/s × 2 s, less the few ms each took to connect.
+    // The schedule runs from each session's planned start: 20 sessions × 50/s
+    // × 2 s. The slots due in the few ms a session took to connect are kept in
+    // it as unsent, never silently dropped.
+    assert_eq!(m.scheduled, 2000);
+    assert_eq!(m.sent + m.unsent, m.scheduled);
     assert_close(m.sent as f64, 2000.0, 0.05, "sent");
     assert_close(
         report.throughput.achieved_per_s,
@@ -137,6 +140,41 @@ async fn connect_failures_are_counted_by_kind() {
     assert_eq!(report.sessions.failed, 4);
     assert_eq!(report.errors.get("connect_refused"), Some(&2));
     assert_eq!(report.errors.get("handshake_status_503"), Some(&2));
+    // Their slots stay in the schedule, all unsent: 4 × 50/s × 1 s.
+    assert_eq!(report.messages.scheduled, 200);
+    assert_eq!(report.messages.unsent, 200);
+    assert_eq!(report.messages.sent, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_sessions_arrive_steadily_and_live_their_drawn_lifetimes() {
+    let server = common::start(Behaviour::Echo).await;
+    // 60 sessions arriving over 3 s (20/s), each living 0.5..1.5 s.
+    let mut config = common::config(&server.url, 60, 1);
+    config.ramp = Duration::from_secs(3);
+    config.duration = Duration::from_millis(1500);
+    config.lifetime = Some(Duration::from_millis(500));
+    config.seed = 3;
+    let started = Instant::now();
+    let report = common::run(config.clone()).await;
+    println!("{report}");
+    assert_eq!(report.sessions.connected, 60);
+    assert_eq!(report.sessions.completed, 60);
+    assert_eq!(report.messages.lost, 0);
+    assert_eq!(
+        report.messages.sent + report.messages.unsent,
+        report.messages.scheduled
+    );
+    // Mean lifetime ≈ 1 s: ≈ 60 × 50 = 3000 slots, far from the 60 × 75 of
+    // every session living 1.5 s and the 60 × 25 of every one living 0.5 s.
+    assert_close(report.messages.scheduled as f64, 3000.0, 0.15, "scheduled");
+    assert_close(report.throughput.sessions_per_s, 20.0, 0.01, "sessions/s");
+    assert_eq!(report.scenario.lifetime_min_s, Some(0.5));
+    // Ramp 3 s + the last session's ≤ 1.5 s + its drain: not 3 s + 1.5 s for all.
+    assert!(started.elapsed() < Duration::from_secs(8));
+    // The same seed draws the same lifetimes: the same schedule.
+    let again = common::run(config).await;
+    assert_eq!(again.messages.scheduled, report.messages.scheduled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

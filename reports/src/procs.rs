@@ -1,76 +1,48 @@
 //! Child processes of the reproduction: started with their output captured,
-//! waited on for their ready line, and always stopped — on success, on error
-//! (`Drop`) and on Ctrl-C (a registry the signal handler empties).
+//! waited on for their ready line, and always stopped with their whole process
+//! group — on success, on error and panic (`Drop`), on Ctrl-C and, through the
+//! guardian, when `repro` itself is killed (see [`group`]).
+
+mod group;
+pub mod guardian;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-/// Pids of every child still running, for the Ctrl-C handler.
-static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+pub use group::{Group, start_guardian, stop_all_on_interrupt};
 
-fn registry() -> std::sync::MutexGuard<'static, Vec<u32>> {
-    match RUNNING.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // Safety: kill(2) with a pid we started; no memory is involved.
-        unsafe {
-            libc::kill(pid, sig);
-        }
-    }
-}
-
-/// Install the Ctrl-C (SIGINT/SIGTERM) handler: stop every child, then exit 130.
-pub fn stop_children_on_interrupt() -> anyhow::Result<()> {
-    ctrlc::set_handler(|| {
-        let pids = registry().clone();
-        for pid in &pids {
-            signal(*pid, libc::SIGTERM);
-        }
-        std::thread::sleep(Duration::from_millis(1500));
-        for pid in &pids {
-            signal(*pid, libc::SIGKILL);
-        }
-        eprintln!("repro: interrupted; stopped {} processes", pids.len());
-        std::process::exit(130);
-    })
-    .context("installing the Ctrl-C handler")
-}
-
-/// A running child process.
+/// A running child process with its stdout read line by line.
 #[derive(Debug)]
 pub struct Proc {
     pub name: String,
-    child: Child,
+    group: Group,
     lines: mpsc::Receiver<String>,
 }
 
 impl Proc {
-    /// Start `cmd` with stdout read line by line (and copied to `<log_dir>/<name>.out`)
-    /// and stderr written to `<log_dir>/<name>.err`.
+    /// Start `cmd` in its own process group (see [`Group::spawn`]) with stdout
+    /// read line by line (and copied to `<log_dir>/<name>.out`) and stderr
+    /// written to `<log_dir>/<name>.err`.
     pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> anyhow::Result<Self> {
-        let err = std::fs::File::create(log_dir.join(format!("{name}.err")))?;
-        let mut out_log = std::fs::File::create(log_dir.join(format!("{name}.out")))?;
+        let err_path = log_dir.join(format!("{name}.err"));
+        let err = std::fs::File::create(&err_path)
+            .with_context(|| format!("creating {}", err_path.display()))?;
+        let out_path = log_dir.join(format!("{name}.out"));
+        let mut out_log = std::fs::File::create(&out_path)
+            .with_context(|| format!("creating {}", out_path.display()))?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(err));
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {name}: {cmd:?}"))?;
-        registry().push(child.id());
-        let stdout = child.stdout.take().context("child stdout")?;
+        let mut group = Group::spawn(name, cmd)?;
+        let stdout = group.child_mut().stdout.take().context("child stdout")?;
         let (tx, rx) = mpsc::channel();
+        // Ends when the child's stdout closes (the child exited or was killed).
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
@@ -80,13 +52,13 @@ impl Proc {
         });
         Ok(Self {
             name: name.to_string(),
-            child,
+            group,
             lines: rx,
         })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.group.pid()
     }
 
     /// Wait for a stdout line starting with `prefix`; returns the rest of it.
@@ -106,7 +78,7 @@ impl Proc {
                     )
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = self.child.try_wait().ok().flatten();
+                    let status = self.group.child_mut().try_wait().ok().flatten();
                     bail!(
                         "{} exited before it was ready ({status:?}); see its .err log",
                         self.name
@@ -118,42 +90,12 @@ impl Proc {
 
     /// Wait for the child to exit by itself, at most `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.unregister();
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!("{} still running after {timeout:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.group.wait(timeout)
     }
 
-    /// SIGTERM, then SIGKILL after `grace`.
+    /// SIGTERM to its group, then SIGKILL after `grace`.
     pub fn stop(&mut self, grace: Duration) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            self.unregister();
-            return;
-        }
-        signal(self.child.id(), libc::SIGTERM);
-        if self.wait(grace).is_err() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        self.unregister();
-    }
-
-    fn unregister(&self) {
-        let pid = self.child.id();
-        registry().retain(|p| *p != pid);
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop(Duration::from_secs(5));
+        self.group.stop(grace);
     }
 }
 

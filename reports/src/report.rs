@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use loadgen::Host;
 use serde::{Deserialize, Serialize};
 
 use crate::charts::{self, Bar, BarChart, LineChart, Series};
@@ -42,43 +43,26 @@ pub const REFERENCES: [Reference; 2] = [
     },
 ];
 
-/// The machine a report was made on.
-#[derive(Debug, Clone, Serialize)]
-pub struct MachineInfo {
-    pub cores: usize,
-    pub cpu_model: String,
-    pub memory_gib: f64,
-    pub kernel: String,
-    pub os: String,
+/// The machine the results were measured on, as loadgen recorded it in each
+/// result (not the machine the report is rendered on): that of the first
+/// result that has one.
+pub fn recorded_machine(systems: &[SystemRounds]) -> Option<Host> {
+    systems
+        .iter()
+        .flat_map(|s| &s.runs)
+        .map(|r| &r.result.host)
+        .find(|h| h.cores > 0)
+        .cloned()
 }
 
-impl MachineInfo {
-    pub fn read() -> Self {
-        let mut sys = match sysinfo::System::new() {
-            Ok(sys) => sys,
-            Err(_) => {
-                return Self {
-                    cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
-                    cpu_model: "unknown".into(),
-                    memory_gib: 0.0,
-                    kernel: "unknown".into(),
-                    os: "unknown".into(),
-                };
-            }
-        };
-        sys.refresh_memory();
-        sys.refresh_cpu_list(sysinfo::CpuRefreshKind::nothing());
-        Self {
-            cores: sys.cpus().len(),
-            cpu_model: sys
-                .cpus()
-                .first()
-                .map(|c| c.brand().trim().to_string())
-                .unwrap_or_default(),
-            memory_gib: sys.total_memory() as f64 / (1u64 << 30) as f64,
-            kernel: sysinfo::System::kernel_version().unwrap_or_default(),
-            os: sysinfo::System::long_os_version().unwrap_or_default(),
-        }
+/// The report's machine line.
+fn machine_line(machine: Option<&Host>) -> String {
+    match machine {
+        Some(m) => format!(
+            "Machine (recorded by loadgen): {} cores, {}, {:.1} GiB memory, kernel {} ({}), host {}.",
+            m.cores, m.cpu_model, m.memory_gib, m.kernel, m.os, m.hostname
+        ),
+        None => "Machine: not recorded (results written before loadgen recorded its host).".into(),
     }
 }
 
@@ -98,7 +82,7 @@ pub struct RunNotes {
 
 #[derive(Serialize)]
 struct SummaryFile<'a> {
-    machine: &'a MachineInfo,
+    machine: Option<&'a Host>,
     notes: &'a RunNotes,
     systems: &'a [SystemSummary],
     ratios: &'a [Ratio],
@@ -172,11 +156,11 @@ pub fn summary_table(summaries: &[SystemSummary]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| system | rounds | sessions | offered msg/s | achieved msg/s | lost | p50 ms | p99 ms | p99.9 ms | CPU cores | CPU µs/msg (own) | CPU µs/msg (machine) | RSS avg MB | RSS peak MB | KiB/session incl. backend conns | KiB/session above warm pool |"
+        "| system | rounds | sessions | offered msg/s | achieved msg/s | lost | unsent | p50 ms | p99 ms | p99.9 ms | send lag p99 ms | CPU cores | CPU µs/msg (own) | CPU µs/msg (machine) | RSS avg MB | RSS peak MB | KiB/session incl. backend conns | KiB/session above warm pool |"
     );
     let _ = writeln!(
         t,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for s in summaries {
         let saturated = match s.saturated_rounds {
@@ -185,7 +169,7 @@ pub fn summary_table(summaries: &[SystemSummary]) -> String {
         };
         let _ = writeln!(
             t,
-            "| {}{saturated} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {}{saturated} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.system,
             s.rounds,
             fmt_median(s.sessions_connected, 0),
@@ -193,9 +177,11 @@ pub fn summary_table(summaries: &[SystemSummary]) -> String {
             fmt_median(s.offered_per_s, 0),
             fmt_spread(s.achieved_per_s, 0),
             fmt_median(s.lost, 0),
+            fmt_median(s.unsent, 0),
             fmt_median(s.p50_ms, 2),
             fmt_spread(s.p99_ms, 2),
             fmt_median(s.p999_ms, 2),
+            fmt_median(s.send_lag_p99_ms, 2),
             fmt_median(s.cpu_cores, 3),
             fmt_spread(s.cpu_us_per_msg, 2),
             fmt_median(s.machine_cpu_us_per_msg, 2),
@@ -274,6 +260,39 @@ fn rounds_table(summaries: &[SystemSummary]) -> String {
     }
     t
 }
+
+/// Sessions a second per system and, for sttproxy, what its pool did: leases
+/// a second, the share served by an already-open connection, connections
+/// opened per lease and the acquire wait. Empty when no round has pool figures.
+fn pool_table(summaries: &[SystemSummary]) -> String {
+    if summaries.iter().all(|s| s.pool_leases_per_s.is_none()) {
+        return String::new();
+    }
+    let mut t = String::from(
+        "| system | sessions/s (loadgen) | leases/s (pool) | reuse share | connections opened per lease | acquire wait p50 ms | acquire wait p99 ms |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for s in summaries {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            s.system,
+            fmt_spread(s.sessions_per_s, 1),
+            fmt_spread(s.pool_leases_per_s, 1),
+            fmt_spread(s.pool_reuse_share, 3),
+            fmt_spread(s.pool_opened_per_lease, 3),
+            fmt_spread(s.acquire_wait_p50_ms, 3),
+            fmt_spread(s.acquire_wait_p99_ms, 3),
+        );
+    }
+    t
+}
+
+const POOL_NOTE: &str = "Leases/s: sttproxy's leases (`sttproxy_acquire_total`) over the arrival window, \
+     from /metrics scraped before and after each round. Reuse share: leases served by an already-open \
+     connection (idle in the pool, or released by another session while waiting) / all leases; connections \
+     opened per lease: backend connections opened during the round (Δ live + Δ discarded) / leases. Acquire wait: \
+     from the `sttproxy_acquire_wait_seconds` histogram (bounds 0.1 ms × 4ᵏ), interpolated inside a bucket.";
 
 /// The memory bases each system's per-session figures are computed from.
 fn memory_lines(summaries: &[SystemSummary]) -> String {
@@ -404,6 +423,15 @@ fn charts(
             .map(|e| (e.t, e.received as f64))
             .collect()
     });
+    // Seconds with nothing received have no p99 (loadgen writes 0): left out.
+    let p99_over_time = over_time(systems, "p99 latency per second (ms)", "ms", |r| {
+        r.result
+            .timeline
+            .iter()
+            .filter(|e| e.received > 0)
+            .map(|e| (e.t, e.p99_ms))
+            .collect()
+    });
     let percentiles: [fn(&crate::results::Latency) -> f64; 5] =
         [|l| l.p50, |l| l.p90, |l| l.p99, |l| l.p999, |l| l.max];
     let latency = BarChart {
@@ -484,6 +512,10 @@ fn charts(
         charts::render(&throughput, dir, "throughput")?,
     ));
     svgs.push(("latency".into(), charts::render(&latency, dir, "latency")?));
+    svgs.push((
+        "p99_over_time".into(),
+        charts::render(&p99_over_time, dir, "p99_over_time")?,
+    ));
     svgs.push(("memory".into(), charts::render(&memory, dir, "memory")?));
     svgs.push((
         "reference".into(),
@@ -495,7 +527,10 @@ fn charts(
 /// What the columns mean; the memory columns exactly, since two different
 /// bases make two different figures.
 const COLUMN_NOTE: &str = "Each cell is the median over the rounds; where a range follows in parentheses it is the \
-     min–max over the rounds. CPU µs/msg (own): the server's CPU time (its whole process tree) per delivered \
+     min–max over the rounds. Lost: sent but never received back; unsent: scheduled but never sent (slots before \
+     a late connect, every slot of a session that could not connect, or a backpressured socket); neither is in the \
+     latency percentiles, which are from each message's intended send time. Send lag p99: how late the load \
+     generator itself sent, the part of the latency that is not the server's. CPU µs/msg (own): the server's CPU time (its whole process tree) per delivered \
      round-trip message. CPU µs/msg (machine): the whole machine's busy CPU per delivered message — backends, \
      load generator, the other (idle) systems and the kernel's loopback TCP work (softirq time no process is \
      charged for) included. KiB/session incl. backend conns: (average RSS under load − RSS holding no backend \
@@ -508,12 +543,9 @@ const COLUMN_NOTE: &str = "Each cell is the median over the rounds; where a rang
      after start and before round 1 (process tree, once the RSS settled).";
 
 /// Write every chart and the report files into `dir`. Returns the Markdown.
-pub fn write(
-    dir: &Path,
-    systems: &[SystemRounds],
-    machine: &MachineInfo,
-    notes: &RunNotes,
-) -> anyhow::Result<String> {
+pub fn write(dir: &Path, systems: &[SystemRounds], notes: &RunNotes) -> anyhow::Result<String> {
+    let machine = recorded_machine(systems);
+    let machine = machine.as_ref();
     charts::register_font()?;
     let summaries: Vec<SystemSummary> = systems.iter().filter_map(SystemSummary::of).collect();
     let ratios = ratios(&summaries);
@@ -536,11 +568,7 @@ pub fn write(
         notes.rounds,
         orders.join("; ")
     );
-    let _ = writeln!(
-        md,
-        "Machine: {} cores, {}, {:.1} GiB memory, kernel {} ({}).\n",
-        machine.cores, machine.cpu_model, machine.memory_gib, machine.kernel, machine.os
-    );
+    let _ = writeln!(md, "{}\n", machine_line(machine));
     let _ = writeln!(md, "## Summary\n\n{}", summary_table(&summaries));
     let _ = writeln!(md, "{COLUMN_NOTE}\n");
     let mem = memory_lines(&summaries);
@@ -554,6 +582,10 @@ pub fn write(
             notes.rounds,
             ratio_lines(&ratios, notes.rounds)
         );
+    }
+    let pool = pool_table(&summaries);
+    if !pool.is_empty() {
+        let _ = writeln!(md, "## Sessions and the pool\n\n{pool}\n{POOL_NOTE}\n");
     }
     let sat = saturation_notes(systems);
     if !sat.is_empty() {
@@ -616,78 +648,39 @@ pub fn write(
     Ok(md)
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// Just enough Markdown for the report's own text: headings, tables, lists, paragraphs.
+/// The report's Markdown as HTML (CommonMark plus tables), by pulldown-cmark:
+/// code spans, emphasis and escaping as any Markdown reader shows them. Raw
+/// HTML in the text (a log line, an error message) is shown as text, never
+/// interpreted.
 fn markdown_to_html(md: &str) -> String {
+    use pulldown_cmark::Event;
+    let parser =
+        pulldown_cmark::Parser::new_ext(md, pulldown_cmark::Options::ENABLE_TABLES).map(|event| {
+            match event {
+                Event::Html(raw) | Event::InlineHtml(raw) => Event::Text(raw),
+                other => other,
+            }
+        });
     let mut out = String::new();
-    let mut in_table = false;
-    let mut in_list = false;
-    for line in md.lines() {
-        let bold = |s: &str| {
-            let mut r = String::new();
-            for (i, part) in escape(s).split("**").enumerate() {
-                if i % 2 == 1 {
-                    let _ = write!(r, "<b>{part}</b>");
-                } else {
-                    r.push_str(part);
-                }
-            }
-            r
-        };
-        if line.starts_with('|') {
-            if line.starts_with("|---") {
-                continue;
-            }
-            if !in_table {
-                out.push_str("<table>");
-                in_table = true;
-            }
-            out.push_str("<tr>");
-            for cell in line.trim_matches('|').split('|') {
-                let _ = write!(out, "<td>{}</td>", bold(cell.trim()));
-            }
-            out.push_str("</tr>");
-            continue;
-        } else if in_table {
-            out.push_str("</table>");
-            in_table = false;
-        }
-        if let Some(item) = line.strip_prefix("- ") {
-            if !in_list {
-                out.push_str("<ul>");
-                in_list = true;
-            }
-            let _ = write!(out, "<li>{}</li>", bold(item));
-            continue;
-        } else if in_list {
-            out.push_str("</ul>");
-            in_list = false;
-        }
-        if let Some(h) = line.strip_prefix("## ") {
-            let _ = write!(out, "<h2>{}</h2>", escape(h));
-        } else if let Some(h) = line.strip_prefix("# ") {
-            let _ = write!(out, "<h1>{}</h1>", escape(h));
-        } else if !line.trim().is_empty() {
-            let _ = write!(out, "<p>{}</p>", bold(line.trim_end_matches("  ")));
-        }
-    }
-    if in_table {
-        out.push_str("</table>");
-    }
-    if in_list {
-        out.push_str("</ul>");
-    }
+    pulldown_cmark::html::push_html(&mut out, parser);
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn markdown_renders_code_tables_and_escapes() {
+        let html = markdown_to_html(
+            "Command: `cargo repro --quick`  \nMachine: a <b> & c\n\n| a | b |\n|---|---|\n| **1** | 2 |\n",
+        );
+        assert!(html.contains("<code>cargo repro --quick</code>"), "{html}");
+        assert!(html.contains("a &lt;b&gt; &amp; c"), "{html}");
+        assert!(html.contains("<table>"), "{html}");
+        assert!(html.contains("<strong>1</strong>"), "{html}");
+        assert!(!html.contains('`'), "{html}");
+    }
     use crate::results::MemoryBase;
     use crate::results::testing::{result, run};
 

@@ -4,6 +4,7 @@
 //! the report (medians, ranges and same-round ratios).
 
 mod index;
+pub mod pool_metrics;
 mod systems;
 
 use std::path::{Path, PathBuf};
@@ -13,26 +14,72 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::procs::Proc;
-use crate::report::{self, MachineInfo, RunNotes};
+use crate::procs::{Group, Proc};
+use crate::report::{self, RunNotes};
 use crate::results::SystemRounds;
 use crate::stats::round_order;
 pub use index::{RunIndex, SCHEMA};
 use systems::{Env, Running};
 
+/// Finite sessions arriving at a steady rate (the `churn` scenarios): every
+/// session is one lease of a backend connection from sttproxy's pool.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Churn {
+    /// Sessions starting a second, for `window_s` seconds.
+    pub arrivals_per_s: f64,
+    pub window_s: u64,
+    /// Lifetimes drawn uniformly from `[life_min_s, life_max_s]`.
+    pub life_min_s: u64,
+    pub life_max_s: u64,
+    /// Seed of the lifetimes: every round and system sees the same sessions.
+    pub seed: u64,
+}
+
+impl Churn {
+    fn mean_life_s(&self) -> f64 {
+        (self.life_min_s + self.life_max_s) as f64 / 2.0
+    }
+}
+
 /// A load scenario of the reproduction.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Scenario {
     pub name: &'static str,
+    /// Sessions started (with `churn`: over the arrival window, not at once).
     pub sessions: usize,
     pub rate: f64,
     pub size: usize,
     pub duration_s: u64,
     pub mode: &'static str,
     pub about: &'static str,
+    pub churn: Option<Churn>,
 }
 
-pub const SCENARIOS: [Scenario; 5] = [
+impl Scenario {
+    /// Sessions open at once: all of them, or with churn the steady state
+    /// (arrivals a second × mean lifetime).
+    pub fn concurrent(&self) -> usize {
+        self.churn.map_or(self.sessions, |c| {
+            (c.arrivals_per_s * c.mean_life_s()).ceil() as usize
+        })
+    }
+
+    /// Sessions that can be open at once at most (file descriptors).
+    pub fn peak_concurrent(&self) -> usize {
+        self.churn.map_or(self.sessions, |c| {
+            (c.arrivals_per_s * c.life_max_s as f64).ceil() as usize
+        })
+    }
+
+    /// How long one load takes: the streaming, or with churn the arrival
+    /// window plus the longest lifetime.
+    pub fn load_s(&self) -> u64 {
+        self.churn
+            .map_or(self.duration_s, |c| c.window_s + c.life_max_s)
+    }
+}
+
+pub const SCENARIOS: [Scenario; 7] = [
     Scenario {
         name: "reference",
         sessions: 3000,
@@ -41,6 +88,7 @@ pub const SCENARIOS: [Scenario; 5] = [
         duration_s: 60,
         mode: "echo",
         about: "the reference write-up's test: 3,000 sessions, no ramp, 100 msg/s of 1 KiB each, 60 s",
+        churn: None,
     },
     Scenario {
         name: "quick",
@@ -50,6 +98,7 @@ pub const SCENARIOS: [Scenario; 5] = [
         duration_s: 10,
         mode: "echo",
         about: "a 10-second, 300-session version of the reference test",
+        churn: None,
     },
     Scenario {
         name: "seed",
@@ -59,6 +108,7 @@ pub const SCENARIOS: [Scenario; 5] = [
         duration_s: 60,
         mode: "echo",
         about: "3,000 sessions × 10 msg/s × 1 KiB: a load every system here can carry",
+        churn: None,
     },
     Scenario {
         name: "stt",
@@ -68,6 +118,7 @@ pub const SCENARIOS: [Scenario; 5] = [
         duration_s: 30,
         mode: "stt",
         about: "1,000 sessions streaming 20 ms PCM chunks (50/s) to stt backends that answer partials",
+        churn: None,
     },
     Scenario {
         name: "idle-3000",
@@ -77,6 +128,41 @@ pub const SCENARIOS: [Scenario; 5] = [
         duration_s: 30,
         mode: "echo",
         about: "3,000 mostly idle sessions (one message per 5 s): memory per session",
+        churn: None,
+    },
+    Scenario {
+        name: "churn",
+        sessions: 15_000,
+        rate: 10.0,
+        size: 640,
+        duration_s: 30,
+        mode: "echo",
+        about: "finite sessions: 250 a second for 60 s, each living 3–30 s (uniform, seed 1), 10 msg/s × 640 B: \
+                250 leases a second through the pool",
+        churn: Some(Churn {
+            arrivals_per_s: 250.0,
+            window_s: 60,
+            life_min_s: 3,
+            life_max_s: 30,
+            seed: 1,
+        }),
+    },
+    Scenario {
+        name: "churn-quick",
+        sessions: 5_000,
+        rate: 10.0,
+        size: 640,
+        duration_s: 12,
+        mode: "echo",
+        about: "a shorter churn: 250 sessions a second for 20 s, each living 3–12 s (uniform, seed 1), \
+                10 msg/s × 640 B",
+        churn: Some(Churn {
+            arrivals_per_s: 250.0,
+            window_s: 20,
+            life_min_s: 3,
+            life_max_s: 12,
+            seed: 1,
+        }),
     },
 ];
 
@@ -117,29 +203,10 @@ fn target_dir(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target"))
 }
 
-/// UTC `YYYYMMDD-HHMMSS` without a date library.
+/// UTC `YYYYMMDD-HHMMSS` now: the default report directory's name.
 fn timestamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let (y, mo, d, h, mi, s) = loadgen::host::utc_parts(std::time::SystemTime::now());
+    format!("{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}")
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
@@ -150,45 +217,51 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The Python baseline's virtualenv being prepared (mostly downloads; its log
+/// in `out/venv.err`), or why its preparation could not start.
+type VenvPrep = Result<Proc, String>;
+
+/// Wait for the virtualenv: `Err` says why the baseline is skipped.
+fn venv_ready(prep: VenvPrep) -> Result<(), String> {
+    let mut child = prep?;
+    match child.wait(Duration::from_secs(900)) {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(format!(
+            "preparing its virtualenv failed ({status}); see venv.err"
+        )),
+        Err(e) => Err(format!("preparing its virtualenv: {e:#}")),
+    }
+}
+
 /// Build the release binaries (unless `no_build`) while the Python baseline's
-/// virtualenv is prepared alongside (mostly downloads). Returns whether the
-/// virtualenv is ready: a failure there skips the baseline, not the run.
-fn build(root: &Path, no_build: bool) -> anyhow::Result<Result<(), String>> {
-    let venv = Command::new("bash")
+/// virtualenv is prepared alongside; the preparation is waited for only when
+/// the baseline is started (a failure there skips the baseline, not the run).
+fn build(root: &Path, out: &Path, no_build: bool) -> anyhow::Result<VenvPrep> {
+    let mut venv_cmd = Command::new("bash");
+    venv_cmd
         .arg(root.join("baseline/python/run.sh"))
-        .env("BASELINE_PREPARE_ONLY", "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn();
+        .env("BASELINE_PREPARE_ONLY", "1");
+    let venv = Proc::spawn("venv", venv_cmd, out);
     if !no_build {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         eprintln!("repro: building the release binaries ...");
-        let status = Command::new(cargo)
-            .current_dir(root)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "echo-backend",
-                "-p",
-                "sttproxy",
-                "-p",
-                "loadgen",
-            ])
-            .status()
-            .context("running cargo build")?;
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root).args([
+            "build",
+            "--release",
+            "-p",
+            "echo-backend",
+            "-p",
+            "sttproxy",
+            "-p",
+            "loadgen",
+        ]);
+        let status = Group::spawn("cargo build", cmd)?.wait(Duration::from_secs(3600))?;
         if !status.success() {
             bail!("cargo build failed ({status})");
         }
     }
-    Ok(match venv {
-        Ok(mut child) => match child.wait() {
-            Ok(status) if status.success() => Ok(()),
-            Ok(status) => Err(format!("preparing its virtualenv failed ({status})")),
-            Err(e) => Err(format!("preparing its virtualenv: {e}")),
-        },
-        Err(e) => Err(format!("starting baseline/python/run.sh: {e}")),
-    })
+    Ok(venv.map_err(|e| format!("starting baseline/python/run.sh: {e:#}")))
 }
 
 /// Start the 3 echo backends; returns them and their URLs.
@@ -207,11 +280,7 @@ fn start_backends(bin: &Path, out: &Path, mode: &str) -> anyhow::Result<(Vec<Pro
 
 /// Start every system, sttproxy first (without it there is nothing to
 /// report); a baseline that cannot start is noted as skipped.
-fn start_systems(
-    env: &Env,
-    venv_ready: Result<(), String>,
-    notes: &mut RunNotes,
-) -> anyhow::Result<Vec<Running>> {
+fn start_systems(env: &Env, venv: VenvPrep, notes: &mut RunNotes) -> anyhow::Result<Vec<Running>> {
     let mut systems = vec![env.start_sttproxy().context("starting sttproxy")?];
     let target = env.sttproxy_target();
     notes.notes.push(format!(
@@ -220,7 +289,7 @@ fn start_systems(
         env.backend_urls.len(),
         target * 2
     ));
-    match venv_ready
+    match venv_ready(venv)
         .map_err(anyhow::Error::msg)
         .and_then(|()| env.start_python())
     {
@@ -277,12 +346,12 @@ fn measure_rounds(
 /// Run the whole reproduction; returns the report directory.
 pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
-    let venv_ready = build(&root, opts.no_build)?;
     let out = match &opts.out {
         Some(o) => o.clone(),
         None => root.join("reports/out").join(timestamp()),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let venv = build(&root, &out, opts.no_build)?;
     let fd = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
     let mut notes = RunNotes {
         scenario: format!("{} — {}", opts.scenario.name, opts.scenario.about),
@@ -292,7 +361,7 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
     };
     let s = opts.scenario;
     // Per system: the proxy holds 2 sockets a session, loadgen 1, the backends 1.
-    let need = s.sessions as u64 * 2 + 256;
+    let need = s.peak_concurrent() as u64 * 2 + 256;
     if fd < need {
         notes.notes.push(format!(
             "file descriptor limit {fd} is below the ≈{need} this scenario needs per process; expect refused sessions"
@@ -308,7 +377,7 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
         backend_urls: urls,
         workers,
     };
-    let systems = start_systems(&env, venv_ready, &mut notes)?;
+    let systems = start_systems(&env, venv, &mut notes)?;
     let measured = measure_rounds(&env, &systems, opts.rounds, &mut notes);
     let started = systems.len();
     for sys in systems {
@@ -331,7 +400,7 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
         "loopback only; the load generator, 3 echo backends and the systems share this machine's {workers} cores"
     ));
     RunIndex::new(&notes, &measured).save(&out)?;
-    let md = report::write(&out, &measured, &MachineInfo::read(), &notes)?;
+    let md = report::write(&out, &measured, &notes)?;
     if let Some(summary) = md.split("## Summary").nth(1) {
         println!(
             "{}",
@@ -349,7 +418,7 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
 pub fn rerender(dir: &Path) -> anyhow::Result<()> {
     let index = RunIndex::load(dir)?;
     let systems = index.systems(dir)?;
-    report::write(dir, &systems, &MachineInfo::read(), &index.notes)?;
+    report::write(dir, &systems, &index.notes)?;
     Ok(())
 }
 

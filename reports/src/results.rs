@@ -2,124 +2,35 @@
 //! figures a report derives from it. Only the keys the report uses are read;
 //! unknown keys are ignored so loadgen may add more.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::repro::pool_metrics::PoolRound;
 use crate::stats::{self, Spread};
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct RunResult {
-    pub scenario: Scenario,
-    pub sessions: Sessions,
-    pub messages: Messages,
-    pub throughput: Throughput,
-    pub latency_ms: Latency,
-    #[serde(default)]
-    pub errors: BTreeMap<String, u64>,
-    #[serde(default)]
-    pub watched: Vec<Watched>,
-    #[serde(default)]
-    pub machine: Option<MachineLoad>,
-    #[serde(default)]
-    pub loadgen: Option<LoadgenSelf>,
-    #[serde(default)]
-    pub timeline: Vec<TimelineEntry>,
-    #[serde(default)]
-    pub warnings: Vec<String>,
-}
+/// One loadgen result: the type loadgen writes, read back (one definition of
+/// the format; docs/results-schema.md).
+pub use loadgen::LoadReport as RunResult;
+pub use loadgen::{Latency, WatchSample};
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct Scenario {
-    pub sessions: usize,
-    pub rate: f64,
-    pub size: usize,
-    pub duration_s: f64,
-    pub mode: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Sessions {
-    pub target: usize,
-    pub connected: usize,
-    pub failed: usize,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Messages {
-    pub sent: u64,
-    pub received: u64,
-    pub lost: u64,
-    #[serde(default)]
-    pub duplicated: u64,
-    #[serde(default)]
-    pub out_of_order: u64,
-    #[serde(default)]
-    pub cross_session: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Throughput {
-    pub offered_per_s: f64,
-    pub achieved_per_s: f64,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-pub struct Latency {
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Watched {
-    pub pid: u32,
-    #[serde(default)]
-    pub name: String,
-    pub cpu_seconds: f64,
-    pub cpu_cores_avg: f64,
-    pub rss_avg_mb: f64,
-    pub rss_peak_mb: f64,
-    #[serde(default)]
-    pub samples: Vec<WatchSample>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-pub struct WatchSample {
-    pub t: f64,
-    pub cpu_cores: f64,
-    pub rss_mb: f64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct MachineLoad {
-    pub cpu_seconds: f64,
-    pub cpu_cores_avg: f64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct LoadgenSelf {
-    pub cpu_seconds: f64,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-pub struct TimelineEntry {
-    pub t: f64,
-    pub sent: u64,
-    pub received: u64,
-    #[serde(default)]
-    pub p99_ms: f64,
-}
-
-impl RunResult {
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
+/// Read a loadgen `--json` result. Older results read (missing fields take
+/// their defaults); a result newer than this build's loadgen is an error, not a
+/// silently half-read file.
+pub fn load_result(path: &Path) -> anyhow::Result<RunResult> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let r: RunResult = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))?;
+    if r.schema_version > loadgen::SCHEMA_VERSION {
+        anyhow::bail!(
+            "{} has result schema {} but this build reads up to {}; rebuild the reports",
+            path.display(),
+            r.schema_version,
+            loadgen::SCHEMA_VERSION
+        );
     }
+    Ok(r)
 }
 
 /// A system's RSS before any load, measured once after it started (its whole
@@ -154,6 +65,9 @@ pub struct SystemRun {
     /// (after earlier rounds it includes memory the allocator kept).
     pub idle_rss_mb: Option<f64>,
     pub memory: MemoryBase,
+    /// sttproxy's pool during this round, from its `/metrics` (other systems
+    /// have no such figures).
+    pub pool: Option<PoolRound>,
 }
 
 /// Every round of one system, in round order.
@@ -187,11 +101,16 @@ pub struct Summary {
     pub offered_per_s: f64,
     pub achieved_per_s: f64,
     pub lost: u64,
+    /// Scheduled messages never sent (late or failed connects, backpressure).
+    pub unsent: u64,
     pub cross_session: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
+    /// p99 of the generator's own lateness: the part of the latency that is
+    /// not the server's.
+    pub send_lag_p99_ms: f64,
     pub cpu_cores: f64,
     /// The server's own CPU per delivered (round-trip) message.
     pub cpu_us_per_msg: f64,
@@ -209,6 +128,15 @@ pub struct Summary {
     pub errors: u64,
     /// Achieved below 95 % of offered, or sessions that did not connect.
     pub saturated: bool,
+    /// Sessions connected a second (with churn: leases a second).
+    pub sessions_per_s: f64,
+    /// sttproxy's pool in this round (see [`PoolRound`]).
+    pub pool_leases_per_s: Option<f64>,
+    pub pool_reuse_share: Option<f64>,
+    /// Backend connections opened per lease.
+    pub pool_opened_per_lease: Option<f64>,
+    pub acquire_wait_p50_ms: Option<f64>,
+    pub acquire_wait_p99_ms: Option<f64>,
 }
 
 /// KiB per connected session of the RSS above `base_mb`; `None` without a base
@@ -236,14 +164,17 @@ impl SystemRun {
             offered_per_s: r.throughput.offered_per_s,
             achieved_per_s: r.throughput.achieved_per_s,
             lost: r.messages.lost,
+            unsent: r.messages.unsent,
             cross_session: r.messages.cross_session,
             p50_ms: r.latency_ms.p50,
             p99_ms: r.latency_ms.p99,
             p999_ms: r.latency_ms.p999,
             max_ms: r.latency_ms.max,
+            send_lag_p99_ms: r.send_lag_ms.p99,
             cpu_cores: server.map_or(0.0, |w| w.cpu_cores_avg),
             cpu_us_per_msg: cpu_seconds * 1e6 / delivered,
-            machine_cpu_us_per_msg: r.machine.as_ref().map(|m| m.cpu_seconds * 1e6 / delivered),
+            machine_cpu_us_per_msg: (r.machine.cpu_seconds > 0.0)
+                .then(|| r.machine.cpu_seconds * 1e6 / delivered),
             rss_avg_mb: rss_avg,
             rss_peak_mb: server.map_or(0.0, |w| w.rss_peak_mb),
             kib_per_session_incl_backends: kib_per_session(
@@ -259,6 +190,15 @@ impl SystemRun {
             errors: r.errors.values().sum(),
             saturated: r.throughput.achieved_per_s < 0.95 * r.throughput.offered_per_s
                 || connected < r.sessions.target,
+            sessions_per_s: r.throughput.sessions_per_s,
+            pool_leases_per_s: self.pool.map(|p| p.leases_per_s()),
+            pool_reuse_share: self.pool.and_then(|p| p.reuse_share()),
+            pool_opened_per_lease: self
+                .pool
+                .filter(|p| p.leases > 0)
+                .map(|p| p.opened as f64 / p.leases as f64),
+            acquire_wait_p50_ms: self.pool.map(|p| p.wait.p50_ms),
+            acquire_wait_p99_ms: self.pool.map(|p| p.wait.p99_ms),
         }
     }
 }
@@ -279,9 +219,11 @@ pub struct SystemSummary {
     pub offered_per_s: Option<Spread>,
     pub achieved_per_s: Option<Spread>,
     pub lost: Option<Spread>,
+    pub unsent: Option<Spread>,
     pub p50_ms: Option<Spread>,
     pub p99_ms: Option<Spread>,
     pub p999_ms: Option<Spread>,
+    pub send_lag_p99_ms: Option<Spread>,
     pub cpu_cores: Option<Spread>,
     pub cpu_us_per_msg: Option<Spread>,
     pub machine_cpu_us_per_msg: Option<Spread>,
@@ -290,6 +232,12 @@ pub struct SystemSummary {
     pub kib_per_session_incl_backends: Option<Spread>,
     pub kib_per_session_above_warm_pool: Option<Spread>,
     pub memory: MemoryBase,
+    pub sessions_per_s: Option<Spread>,
+    pub pool_leases_per_s: Option<Spread>,
+    pub pool_reuse_share: Option<Spread>,
+    pub pool_opened_per_lease: Option<Spread>,
+    pub acquire_wait_p50_ms: Option<Spread>,
+    pub acquire_wait_p99_ms: Option<Spread>,
     /// Every round's figures, in round order.
     pub per_round: Vec<Summary>,
 }
@@ -311,9 +259,11 @@ impl SystemSummary {
             offered_per_s: spread(|s| s.offered_per_s),
             achieved_per_s: spread(|s| s.achieved_per_s),
             lost: spread(|s| s.lost as f64),
+            unsent: spread(|s| s.unsent as f64),
             p50_ms: spread(|s| s.p50_ms),
             p99_ms: spread(|s| s.p99_ms),
             p999_ms: spread(|s| s.p999_ms),
+            send_lag_p99_ms: spread(|s| s.send_lag_p99_ms),
             cpu_cores: spread(|s| s.cpu_cores),
             cpu_us_per_msg: spread(|s| s.cpu_us_per_msg),
             machine_cpu_us_per_msg: spread_opt(|s| s.machine_cpu_us_per_msg),
@@ -322,6 +272,12 @@ impl SystemSummary {
             kib_per_session_incl_backends: spread_opt(|s| s.kib_per_session_incl_backends),
             kib_per_session_above_warm_pool: spread_opt(|s| s.kib_per_session_above_warm_pool),
             memory: first.memory,
+            sessions_per_s: spread(|s| s.sessions_per_s),
+            pool_leases_per_s: spread_opt(|s| s.pool_leases_per_s),
+            pool_reuse_share: spread_opt(|s| s.pool_reuse_share),
+            pool_opened_per_lease: spread_opt(|s| s.pool_opened_per_lease),
+            acquire_wait_p50_ms: spread_opt(|s| s.acquire_wait_p50_ms),
+            acquire_wait_p99_ms: spread_opt(|s| s.acquire_wait_p99_ms),
             per_round,
         })
     }
@@ -377,6 +333,7 @@ pub(crate) mod testing {
             result,
             idle_rss_mb: None,
             memory,
+            pool: None,
         }
     }
 }

@@ -12,10 +12,12 @@ use reports::repro::{self, Options, SCENARIOS};
     about = "Reproduce sttproxy's performance claims and write a report with charts"
 )]
 struct Args {
-    /// The 10-second, 300-session version (same as --scenario quick).
+    /// The short version of the scenario: `quick` for the reference,
+    /// `churn-quick` for churn.
     #[arg(long)]
     quick: bool,
-    /// Scenario: reference (default), quick, seed, stt, idle-3000.
+    /// Scenario: reference (default), quick, seed, stt, idle-3000, churn,
+    /// churn-quick.
     #[arg(long, default_value = "reference")]
     scenario: String,
     /// Rounds: every system is measured once per round, the order rotated
@@ -31,6 +33,9 @@ struct Args {
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// Internal: run as the guardian that ends the children of a killed repro.
+    #[arg(long = "guardian", hide = true)]
+    guardian: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,14 +46,22 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    reports::procs::stop_children_on_interrupt()?;
-    let name = if args.quick {
-        "quick"
-    } else {
-        args.scenario.as_str()
+    if args.guardian {
+        reports::procs::guardian::serve();
+        return Ok(());
+    }
+    // Children are spawned from this (the main) thread only: their
+    // parent-death signal fires when the spawning thread exits.
+    reports::procs::start_guardian();
+    reports::procs::stop_all_on_interrupt()?;
+    let name = match (args.quick, args.scenario.as_str()) {
+        (false, name) => name.to_string(),
+        (true, "reference" | "quick") => "quick".to_string(),
+        (true, name) if name.ends_with("-quick") => name.to_string(),
+        (true, name) => format!("{name}-quick"),
     };
     let opts = Options {
-        scenario: repro::scenario(name)?,
+        scenario: repro::scenario(&name)?,
         rounds: usize::from(args.rounds),
         out: args.out,
         no_build: args.no_build,

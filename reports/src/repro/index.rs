@@ -6,8 +6,9 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
+use super::pool_metrics::PoolRound;
 use crate::report::RunNotes;
-use crate::results::{MemoryBase, RunResult, SystemRounds, SystemRun};
+use crate::results::{MemoryBase, SystemRounds, SystemRun, load_result};
 
 /// The layout version of `runs.json`. 2: rounds, memory bases per system
 /// (version 1, without the field, held one run per system).
@@ -48,6 +49,10 @@ pub struct RoundEntry {
     /// loadgen's result, relative to the report directory.
     pub json: String,
     pub idle_rss_mb: Option<f64>,
+    /// sttproxy's pool during the round (absent for other systems and in
+    /// files written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolRound>,
 }
 
 impl RunIndex {
@@ -70,6 +75,7 @@ impl RunIndex {
                             position: r.position,
                             json: round_file(&s.name, r.round, "json"),
                             idle_rss_mb: r.idle_rss_mb,
+                            pool: r.pool,
                         })
                         .collect(),
                 })
@@ -115,9 +121,10 @@ impl RunIndex {
                             name: s.name.clone(),
                             round: r.round,
                             position: r.position,
-                            result: RunResult::load(&dir.join(&r.json))?,
+                            result: load_result(&dir.join(&r.json))?,
                             idle_rss_mb: r.idle_rss_mb,
                             memory: s.memory,
+                            pool: r.pool,
                         })
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
@@ -182,6 +189,7 @@ mod tests {
                     position: 1,
                     json: round_file("sttproxy", 2, "json"),
                     idle_rss_mb: Some(13.0),
+                    pool: None,
                 }],
             }],
         };

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::index::round_file;
+use super::pool_metrics::{PoolRound, Scrape};
 use super::{Scenario, workspace_root};
 use crate::procs::{Proc, free_port, http_get, wait_for_port};
-use crate::results::{MemoryBase, RunResult, SystemRun};
+use crate::results::{MemoryBase, SystemRun, load_result};
 
 /// RSS (MB) of `pid` and all its descendants now.
 fn tree_rss_mb(pid: u32) -> Option<f64> {
@@ -126,10 +127,10 @@ impl Env {
         self.bin.join(name)
     }
 
-    /// sttproxy's pool target per backend: its share of the sessions, plus a
-    /// few spare connections.
+    /// sttproxy's pool target per backend: its share of the sessions open at
+    /// once (with churn, the steady state), plus a few spare connections.
     pub fn sttproxy_target(&self) -> usize {
-        self.scenario.sessions.div_ceil(self.backend_urls.len()) + 8
+        self.scenario.concurrent().div_ceil(self.backend_urls.len()) + 8
     }
 
     /// Measure `sys` once: loadgen for the scenario's duration, its result in
@@ -149,30 +150,62 @@ impl Env {
             .args(["--sessions", &s.sessions.to_string()])
             .args(["--rate", &s.rate.to_string()])
             .args(["--size", &s.size.to_string()])
-            .args(["--duration", &format!("{}s", s.duration_s)])
             .args(["--mode", s.mode])
             .args(["--watch-pid", &pid.to_string()])
             .arg("--json")
             .arg(&json)
             .arg("--hist")
             .arg(self.out.join(round_file(name, round, "hlog")));
-        eprintln!(
-            "repro: round {round}: {name}: {} sessions × {} msg/s × {} B for {} s ...",
-            s.sessions, s.rate, s.size, s.duration_s
-        );
+        match s.churn {
+            None => {
+                cmd.args(["--duration", &format!("{}s", s.duration_s)]);
+                eprintln!(
+                    "repro: round {round}: {name}: {} sessions × {} msg/s × {} B for {} s ...",
+                    s.sessions, s.rate, s.size, s.duration_s
+                );
+            }
+            Some(c) => {
+                cmd.args(["--ramp", &format!("{}s", c.window_s)])
+                    .args([
+                        "--lifetime",
+                        &format!("{}s..{}s", c.life_min_s, c.life_max_s),
+                    ])
+                    .args(["--seed", &c.seed.to_string()]);
+                eprintln!(
+                    "repro: round {round}: {name}: {} sessions a second for {} s, each {}–{} s × {} msg/s × {} B ...",
+                    c.arrivals_per_s, c.window_s, c.life_min_s, c.life_max_s, s.rate, s.size
+                );
+            }
+        }
+        let before = match sys.admin {
+            Some(admin) => Some((Scrape::fetch(admin)?, Instant::now())),
+            None => None,
+        };
         let log = format!("loadgen-{name}-r{round}");
         let mut lg = Proc::spawn(&log, cmd, &self.out)?;
-        let status = lg.wait(Duration::from_secs(s.duration_s + 120))?;
+        let status = lg.wait(Duration::from_secs(s.load_s() + 120))?;
         if !status.success() {
             bail!("loadgen failed ({status}); see {log}.err");
         }
+        // The pool's work over the arrival window (with churn) or the run.
+        let pool = match (sys.admin, before) {
+            (Some(admin), Some((before, t0))) => {
+                let after = Scrape::fetch(admin)?;
+                let window_s = s
+                    .churn
+                    .map_or(t0.elapsed().as_secs_f64(), |c| c.window_s as f64);
+                Some(PoolRound::between(&before, &after, window_s))
+            }
+            _ => None,
+        };
         Ok(SystemRun {
             name: name.to_string(),
             round,
             position,
-            result: RunResult::load(&json)?,
+            result: load_result(&json)?,
             idle_rss_mb,
             memory: sys.memory,
+            pool,
         })
     }
 
@@ -219,17 +252,18 @@ impl Env {
     /// `sttproxy backends add` one backend to the table in `db`.
     fn add_backend(&self, db: &str, url: &str) -> anyhow::Result<()> {
         let target = self.sttproxy_target();
-        let out = Command::new(self.binary("sttproxy"))
-            .args(["backends", "add", "--db", db, "--url", url])
+        let mut cmd = Command::new(self.binary("sttproxy"));
+        cmd.args(["backends", "add", "--db", db, "--url", url])
             .args(["--target", &target.to_string()])
-            .args(["--max", &(target * 2).to_string()])
-            .output()
-            .context("running sttproxy backends add")?;
-        if !out.status.success() {
+            .args(["--max", &(target * 2).to_string()]);
+        let log = "sttproxy-backends-add";
+        let status = Proc::spawn(log, cmd, &self.out)?.wait(Duration::from_secs(30))?;
+        if !status.success() {
+            let err =
+                std::fs::read_to_string(self.out.join(format!("{log}.err"))).unwrap_or_default();
             bail!(
-                "sttproxy backends add --url {url} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                "sttproxy backends add --url {url} failed ({status}): {}",
+                err.trim()
             );
         }
         Ok(())
@@ -243,7 +277,7 @@ impl Env {
         let bind = format!("127.0.0.1:{port}");
         let per_worker = self
             .scenario
-            .sessions
+            .concurrent()
             .div_ceil(self.backend_urls.len() * self.workers)
             + 8;
         let mut cmd = Command::new("bash");
