@@ -50,6 +50,10 @@ pub struct Metrics {
     pub relay_dropped: Family<ReasonLabel, Counter>,
     /// How the proxy's side of client close handshakes ended.
     pub client_closes: Family<OutcomeLabel, Counter>,
+    /// TLS handshakes on the client listener, by outcome.
+    pub tls_handshakes: Family<OutcomeLabel, Counter>,
+    /// Reloads of the client listener's certificate, by outcome.
+    pub tls_reloads: Family<OutcomeLabel, Counter>,
     pub acquire_wait_seconds: Histogram,
     pub session_seconds: Histogram,
     registry: Registry,
@@ -86,6 +90,8 @@ impl Metrics {
             refused: Family::default(),
             relay_dropped: Family::default(),
             client_closes: Family::default(),
+            tls_handshakes: Family::default(),
+            tls_reloads: Family::default(),
             acquire_wait_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             session_seconds: Histogram::new(exponential_buckets(0.1, 4.0, 10)),
             registry: Registry::default(),
@@ -139,6 +145,20 @@ impl Metrics {
              answered in time, not_sent: the socket was shut without a Close frame, \
              vanished: the client's stream ended without a close handshake)",
             m.client_closes.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on the client listener, by outcome (ok; failed: not TLS or \
+             rejected by rustls, answered with an alert; plain_http: an HTTP request on the \
+             TLS port, answered 400; timeout: not done within tls_handshake_timeout; \
+             over_capacity: max_concurrent_tls_handshakes already in progress, closed at once)",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Reloads of the client listener's certificate and key, by outcome (ok; error: \
+             unreadable, unparsable or not matching, the previous certificate kept)",
+            m.tls_reloads.clone(),
         );
         registry.register(
             "acquire_wait_seconds",
