@@ -568,4 +568,33 @@ mod tests {
             assert!(err.contains(key), "{key} = {value}: {err}");
         }
     }
+
+    #[test]
+    fn tls_files_come_in_pairs_and_the_handshake_cap_is_positive() {
+        for (text, key) in [
+            (r#"tls_cert = "c.pem""#, "tls_cert"),
+            (r#"tls_key = "k.pem""#, "tls_key"),
+            (
+                r#"backend_tls_client_cert = "c.pem""#,
+                "backend_tls_client_key",
+            ),
+            (
+                r#"backend_tls_client_key = "k.pem""#,
+                "backend_tls_client_cert",
+            ),
+            (
+                "max_concurrent_tls_handshakes = 0",
+                "max_concurrent_tls_handshakes",
+            ),
+            (r#"tls_handshake_timeout = "0s""#, "tls_handshake_timeout"),
+        ] {
+            let s: Settings = toml::from_str(text).unwrap();
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let both: Settings = toml::from_str("tls_cert = \"c.pem\"\ntls_key = \"k.pem\"").unwrap();
+        both.validate().unwrap();
+        assert!(both.client_tls_files().is_some());
+        assert!(Settings::default().client_tls_files().is_none());
+    }
 }
