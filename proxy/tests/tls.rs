@@ -492,3 +492,50 @@ async fn an_idle_wss_backend_connection_without_pong_is_discarded_and_replaced()
     })
     .await;
 }
+
+/// With no previous certificate to keep, an unusable pair stops the start,
+/// and the error names the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_certificate_at_start_is_an_error_naming_the_file() {
+    bounded(TEST_LIMIT, async {
+        let ca = TestCa::new("sttproxy test CA");
+        let dir = TempDir::new("tls-start");
+        let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
+        let leaf = ca.leaf(&["localhost"], 1);
+        let other = ca.leaf(&["localhost"], 2);
+        let start = |cert: PathBuf, key: PathBuf| async move {
+            let mut s = support::test_settings();
+            s.tls_cert = Some(cert);
+            s.tls_key = Some(key);
+            sttproxy::Proxy::start(&s).await
+        };
+        replace_file(&cert, leaf.cert_pem.as_bytes());
+        replace_file(&key, other.key_pem.as_bytes());
+        let err = start(cert.clone(), key.clone())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cert.pem") && err.contains("key.pem"), "{err}");
+        assert!(err.contains("is not the key of"), "{err}");
+        eprintln!("a mismatched pair at start: {err}");
+        let missing = dir.path("missing.pem");
+        let err = start(missing.clone(), key.clone())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.pem"), "{err}");
+        replace_file(
+            &key,
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        let err = start(cert.clone(), key.clone())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key.pem") && err.contains("no private key"),
+            "{err}"
+        );
+    })
+    .await;
+}

@@ -58,11 +58,23 @@ pub fn certified_key(
 ) -> Result<CertifiedKey, TlsError> {
     let chain = parse_certs(cert_path, cert_pem)?;
     let key = parse_key(key_path, key_pem)?;
+    let (cert, key_name) = (
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+    );
     let certified =
-        CertifiedKey::from_der(chain, key, provider).map_err(|source| TlsError::Key {
-            cert: cert_path.display().to_string(),
-            key: key_path.display().to_string(),
-            source,
+        CertifiedKey::from_der(chain, key, provider).map_err(|source| match source {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                TlsError::KeyMismatch {
+                    cert: cert.clone(),
+                    key: key_name.clone(),
+                }
+            }
+            source => TlsError::Key {
+                cert: cert.clone(),
+                key: key_name.clone(),
+                source,
+            },
         })?;
     // `from_der` lets a key whose public half it cannot compute pass; ring
     // computes it for every key type it loads, so a pass here is a match.

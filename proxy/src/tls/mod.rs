@@ -27,6 +27,8 @@ pub enum TlsError {
     NoCertificate { path: String },
     #[error("{path}: no private key in the file")]
     NoKey { path: String },
+    #[error("key {key} is not the key of certificate {cert}")]
+    KeyMismatch { cert: String, key: String },
     #[error("certificate {cert} with key {key}: {source}")]
     Key {
         cert: String,
