@@ -150,8 +150,8 @@ impl Metrics {
             "tls_handshakes",
             "TLS handshakes on the client listener, by outcome (ok; failed: not TLS or \
              rejected by rustls, answered with an alert; plain_http: an HTTP request on the \
-             TLS port, answered 400; timeout: not done within tls_handshake_timeout; \
-             over_capacity: max_concurrent_tls_handshakes already in progress, closed at once)",
+             TLS port, answered 400; closed: the client left before sending anything; \
+             timeout: not done within tls_handshake_timeout; over_capacity: max_concurrent_tls_handshakes already in progress, closed at once)",
             m.tls_handshakes.clone(),
         );
         registry.register(
