@@ -24,6 +24,7 @@ use crate::handshake::OriginPolicy;
 use crate::metrics::Metrics;
 use crate::server::{self, ServerContext};
 use crate::session::SessionContext;
+use crate::tls::{self, CertFiles, TlsError, TlsListener};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,11 +43,19 @@ pub enum StartError {
     /// at the binary's edge would print it twice.
     #[error("backend table: {0}")]
     Database(DbError),
+    #[error("tls: {0}")]
+    Tls(Box<TlsError>),
     #[error("backend {id}: {source}")]
     Backend {
         id: String,
         source: crate::backend::DialError,
     },
+}
+
+impl From<TlsError> for StartError {
+    fn from(e: TlsError) -> Self {
+        Self::Tls(Box::new(e))
+    }
 }
 
 impl From<DbError> for StartError {
@@ -63,6 +72,8 @@ pub struct Proxy {
     backends: Backends,
     metrics: Arc<Metrics>,
     server: Arc<ServerContext>,
+    /// The client listener's TLS side, when it speaks TLS.
+    tls: Option<Arc<TlsListener>>,
     draining: Arc<AtomicBool>,
     shutdown_grace: Duration,
     /// Stops the client accept loop.
@@ -83,6 +94,13 @@ impl Proxy {
     /// Bind both listeners, start a pool per backend, start serving.
     pub async fn start(settings: &Settings) -> Result<Self, StartError> {
         settings.validate()?;
+        // The TLS files first: a bad one stops the start before anything runs.
+        let client_cert = settings
+            .client_tls_files()
+            .map(|(cert, key)| CertFiles::load(cert, key))
+            .transpose()?;
+        let mut tuning = settings.pool_tuning();
+        tuning.backend_tls = Some(tls::backend::client_config(&settings.backend_tls_files())?);
         let listener =
             bind_client_listener(settings.listen).map_err(|source| StartError::Bind {
                 what: "client",
@@ -108,7 +126,6 @@ impl Proxy {
         let background = TaskTracker::new();
         let background_stop = CancellationToken::new();
         let backends = Backends::default();
-        let tuning = settings.pool_tuning();
         let sync_stop = CancellationToken::new();
         let (metrics, config, sync_task) = match &settings.db {
             None => {
@@ -205,10 +222,23 @@ impl Proxy {
             settings.handshake_limits(),
             draining.clone(),
         ));
+        let tls = match (client_cert, settings.client_tls_files()) {
+            (Some((current, loaded)), Some((cert, key))) => {
+                let files = CertFiles::new(cert, key, current.clone(), loaded, metrics.clone());
+                background.spawn(files.run(settings.tls_reload_interval, background_stop.clone()));
+                Some(Arc::new(TlsListener::new(
+                    current,
+                    settings.tls_listener_settings(),
+                    metrics.clone(),
+                )?))
+            }
+            _ => None,
+        };
         let accept_stop = CancellationToken::new();
         background.spawn(server::accept_loop(
             listener,
             server.clone(),
+            tls.clone(),
             sessions.clone(),
             accept_stop.clone(),
         ));
@@ -229,6 +259,7 @@ impl Proxy {
             backends,
             metrics,
             server,
+            tls,
             draining,
             shutdown_grace: settings.shutdown_grace,
             accept_stop,
@@ -244,6 +275,16 @@ impl Proxy {
 
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen_addr
+    }
+
+    /// Whether clients connect with `wss://` (else `ws://`).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The client listener's TLS side, when it speaks TLS.
+    pub fn tls(&self) -> Option<&Arc<TlsListener>> {
+        self.tls.as_ref()
     }
 
     pub fn admin_addr(&self) -> SocketAddr {

@@ -21,6 +21,7 @@ pub mod relay;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 pub use app::Proxy;
 pub use config::Settings;

@@ -192,6 +192,22 @@ struct ServeArgs {
     /// Poll the backend table this often, jittered ±10 % [default: 5s].
     #[arg(long, value_parser = humantime::parse_duration)]
     sync_interval: Option<Duration>,
+    /// Serve clients over TLS (wss://) with this certificate chain (PEM);
+    /// needs --tls-key. Reloaded when the file changes and on SIGHUP.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A client's TLS handshake must complete within this [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    tls_handshake_timeout: Option<Duration>,
+    /// TLS handshakes in progress at most; beyond, connections are closed [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_concurrent_tls_handshakes: Option<usize>,
+    /// Extra CA certificates (PEM) trusted for wss:// backends.
+    #[arg(long, value_name = "PEM")]
+    backend_tls_ca: Option<PathBuf>,
 }
 
 fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
@@ -215,13 +231,22 @@ fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
         max_connections,
         max_message_size,
         log_format,
-        sync_interval
+        sync_interval,
+        tls_handshake_timeout,
+        max_concurrent_tls_handshakes
     );
     s.db = Some(Settings::db_url(
         args.db.as_deref(),
         args.config.as_deref(),
         Some(&s),
     )?);
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        s.tls_cert = Some(cert.clone());
+        s.tls_key = Some(key.clone());
+    }
+    if let Some(ca) = &args.backend_tls_ca {
+        s.backend_tls_ca = Some(ca.clone());
+    }
     s.seeds_from_flags = !args.backends.is_empty();
     for url in &args.backends {
         s.backends.push(BackendEntry {
@@ -277,7 +302,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "sttproxy listening on ws://{}, admin on http://{}",
+            "sttproxy listening on {}://{}, admin on http://{}",
+            if proxy.is_tls() { "wss" } else { "ws" },
             proxy.listen_addr(),
             proxy.admin_addr()
         )?;

@@ -61,6 +61,10 @@ pub struct Metrics {
     pub jwt_key_reloads: Family<OutcomeLabel, Counter>,
     /// JWT verification keys in use.
     pub jwt_keys: Gauge,
+    /// TLS handshakes on the client listener, by outcome.
+    pub tls_handshakes: Family<OutcomeLabel, Counter>,
+    /// Reloads of the client listener's certificate, by outcome.
+    pub tls_reloads: Family<OutcomeLabel, Counter>,
     pub acquire_wait_seconds: Histogram,
     pub session_seconds: Histogram,
     registry: Registry,
@@ -100,6 +104,8 @@ impl Metrics {
             rate_limited: Family::default(),
             jwt_key_reloads: Family::default(),
             jwt_keys: Gauge::default(),
+            tls_handshakes: Family::default(),
+            tls_reloads: Family::default(),
             acquire_wait_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             session_seconds: Histogram::new(exponential_buckets(0.1, 4.0, 10)),
             registry: Registry::default(),
@@ -172,6 +178,20 @@ impl Metrics {
             "jwt_keys",
             "JWT verification keys in use",
             m.jwt_keys.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on the client listener, by outcome (ok; failed: not TLS or \
+             rejected by rustls, answered with an alert; plain_http: an HTTP request on the \
+             TLS port, answered 400; closed: the client left before sending anything; \
+             timeout: not done within tls_handshake_timeout; over_capacity: max_concurrent_tls_handshakes already in progress, closed at once)",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Reloads of the client listener's certificate and key, by outcome (ok; error: \
+             unreadable, unparsable or not matching, the previous certificate kept)",
+            m.tls_reloads.clone(),
         );
         registry.register(
             "acquire_wait_seconds",

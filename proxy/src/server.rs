@@ -6,6 +6,11 @@
 //! a short plain-text reason. After the 101 the raw `TcpStream` is taken back
 //! out of hyper (with any bytes it already read), so the session relays on the
 //! socket itself, not through a boxed IO.
+//!
+//! With TLS the connection task first completes the TLS handshake
+//! ([`TlsListener::handshake`]), then runs the same HTTP phase and session
+//! over the TLS stream: both are generic over the stream, so the plain path is
+//! compiled for `TcpStream` exactly as without TLS.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -23,6 +28,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +39,7 @@ use crate::handshake::{self, HandshakeLimits, OriginPolicy, Refusal};
 use crate::metrics::OutcomeLabel;
 use crate::relay::{FrameStream, Peer};
 use crate::session::{self, SessionContext};
+use crate::tls::TlsListener;
 
 /// What the client listener needs.
 #[derive(Debug)]
@@ -138,10 +145,12 @@ impl Drop for Admission {
     }
 }
 
-/// Accept client connections until `stop` fires; each runs on `tracker`.
+/// Accept client connections until `stop` fires; each runs on `tracker`,
+/// through `tls` first when the listener speaks TLS.
 pub async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<ServerContext>,
+    tls: Option<Arc<TlsListener>>,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
@@ -160,8 +169,32 @@ pub async fn accept_loop(
                 }
             },
         };
-        tracker.spawn(handle_connection(stream, peer, ctx.clone()));
+        let _ = stream.set_nodelay(true);
+        match &tls {
+            None => tracker.spawn(handle_connection(stream, peer, ctx.clone())),
+            Some(tls) => tracker.spawn(handle_tls_connection(
+                stream,
+                peer,
+                ctx.clone(),
+                tls.clone(),
+            )),
+        };
     }
+}
+
+/// A client connection on the TLS listener: the TLS handshake (boxed, so its
+/// state is freed when it completes), then as [`handle_connection`].
+async fn handle_tls_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ServerContext>,
+    tls: Arc<TlsListener>,
+) {
+    let Some(stream) = Box::pin(tls.handshake(stream, peer)).await else {
+        return;
+    };
+    drop(tls);
+    handle_connection(stream, peer, ctx).await;
 }
 
 type Pending = Arc<Mutex<Option<(hyper::upgrade::OnUpgrade, Map<String, Value>)>>>;
@@ -170,7 +203,10 @@ type Pending = Arc<Mutex<Option<(hyper::upgrade::OnUpgrade, Map<String, Value>)>
 /// this one task. The HTTP phase is boxed so its state (hyper's connection,
 /// several KiB) is freed when the upgrade completes, instead of sizing the
 /// task's allocation for the whole life of the session.
-async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerContext>) {
+async fn handle_connection<S>(stream: S, peer: SocketAddr, ctx: Arc<ServerContext>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Some((ws, params, admission)) = Box::pin(http_phase(stream, peer, &ctx)).await else {
         return;
     };
@@ -182,12 +218,14 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerC
 }
 
 /// Read the request, answer it, and hand back the upgraded WebSocket.
-async fn http_phase(
-    stream: TcpStream,
+async fn http_phase<S>(
+    stream: S,
     peer: SocketAddr,
     ctx: &Arc<ServerContext>,
-) -> Option<(FrameStream<TcpStream>, Map<String, Value>, Admission)> {
-    let _ = stream.set_nodelay(true);
+) -> Option<(FrameStream<S>, Map<String, Value>, Admission)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let admission = Admission::try_new(ctx, peer.ip());
     let pending: Pending = Arc::new(Mutex::new(None));
     let service = {
@@ -241,10 +279,10 @@ async fn http_phase(
             return None;
         }
     };
-    let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+    let parts = match upgraded.downcast::<TokioIo<S>>() {
         Ok(parts) => parts,
         Err(_) => {
-            tracing::error!("upgraded connection is not a TcpStream");
+            tracing::error!("upgraded connection is not the accepted stream");
             return None;
         }
     };
@@ -444,6 +482,10 @@ mod tests {
         std::mem::size_of::<Fut>()
     }
 
+    fn future_size4<A, B, C, D, Fut, F: Fn(A, B, C, D) -> Fut>(_: F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
     /// Every open session holds its connection task's future for its whole
     /// life: a buffer or a large state kept across an await in it costs its
     /// size times the number of sessions. (A 4 KiB stack buffer in a close
@@ -451,7 +493,13 @@ mod tests {
     /// release builds, so the bound holds in both.
     #[test]
     fn a_sessions_task_stays_small() {
-        let size = future_size(handle_connection);
+        let size = future_size(handle_connection::<TcpStream>);
         assert!(size <= 2560, "a client connection's future is {size} bytes");
+        // Over TLS: the stream is boxed, the handshake too.
+        let size = future_size4(handle_tls_connection);
+        assert!(
+            size <= 2560,
+            "a TLS client connection's future is {size} bytes"
+        );
     }
 }

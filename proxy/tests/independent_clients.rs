@@ -25,7 +25,7 @@ use echo_backend::{Config, Mode};
 use serde_json::Value;
 
 use support::clients::{Chromium, chromium_binary, node_ws, python_venv, skip_or_fail};
-use support::{Harness, bounded, within};
+use support::{Harness, STEP, bounded, within};
 
 const SESSIONS: usize = 20;
 /// Sessions of one client (60), each at most a few seconds if it hangs.
@@ -227,6 +227,137 @@ async fn python_websockets_close_handshake_is_clean_both_ways() {
             .arg(SESSIONS.to_string());
         let lines = run_script("Python websockets", cmd).await;
         judge("python websockets", &outcomes(&lines));
+        h.stop().await;
+    })
+    .await;
+}
+
+/// Chromium over `wss://`: it trusts a test CA (imported into the NSS
+/// database of a throwaway `HOME` with `certutil`), streams, ends with
+/// `session.end` and sees close 1000 with `wasClean`; the proxy's certificate
+/// is replaced on disk mid-run, and a connection made after that is served
+/// the new certificate (its subject as DevTools reports it) while the session
+/// opened before carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_over_wss_trusts_a_test_ca_and_survives_a_certificate_swap() {
+    use support::tls::{TempDir, TestCa, served_cert};
+
+    let bin = match chromium_binary() {
+        Ok(bin) => bin,
+        Err(reason) => {
+            skip_or_fail(&format!("Chromium: {reason}"));
+            return;
+        }
+    };
+    if Command::new("certutil").arg("-H").output().is_err() {
+        skip_or_fail("certutil (libnss3-tools) is not installed");
+        return;
+    }
+    bounded(Duration::from_secs(120), async {
+        let ca = TestCa::new("sttproxy browser test CA");
+        let dir = TempDir::new("wss-browser");
+        let (cert, key, ca_file) = (dir.path("cert.pem"), dir.path("key.pem"), dir.path("ca.pem"));
+        ca.write(&ca_file);
+        let first = ca.leaf(&["localhost"], 1);
+        first.write(&cert, &key);
+
+        // The browser's trust store: an NSS database under a HOME of its own.
+        let home = dir.path("home");
+        let nssdb = home.join(".pki/nssdb");
+        std::fs::create_dir_all(&nssdb).unwrap();
+        let db = format!("sql:{}", nssdb.display());
+        for args in [
+            vec!["-d", &db, "-N", "--empty-password"],
+            vec!["-d", &db, "-A", "-t", "C,,", "-n", "sttproxy-test-ca", "-i", ca_file.to_str().unwrap()],
+        ] {
+            let out = Command::new("certutil").args(&args).output().unwrap();
+            assert!(out.status.success(), "certutil {args:?}: {out:?}");
+        }
+
+        let h = Harness::start(1, echo(), |s| {
+            s.tls_cert = Some(cert.clone());
+            s.tls_key = Some(key.clone());
+            s.tls_reload_interval = Duration::from_millis(50);
+        })
+        .await;
+        h.wait_warm().await;
+        let port = h.listen.port();
+        let url = Value::from(format!("wss://localhost:{port}/v1/stream"));
+
+        let mut browser = Chromium::launch_with_home(&bin, Some(&home)).await;
+        browser.command("Network.enable", serde_json::json!({})).await.unwrap();
+        let source = std::fs::read_to_string(script("js/wss_session_page.js")).unwrap();
+        assert_eq!(browser.evaluate(&source).await.unwrap(), "installed");
+
+        // The certificate a new browser connection is served: DevTools'
+        // security details of a plain HTTPS request to the proxy (it answers
+        // 404 and closes the connection, so each probe is a new one).
+        async fn probe_subject(browser: &mut Chromium, port: u16, n: u32) -> String {
+            let url = format!("https://localhost:{port}/probe-{n}");
+            let fetched = browser
+                .evaluate(&format!(
+                    "fetch({}, {{mode: 'no-cors', cache: 'no-store'}}).then(() => 'ok', (e) => 'failed: ' + e)",
+                    Value::from(url.clone())
+                ))
+                .await
+                .unwrap();
+            assert_eq!(fetched, "ok", "fetching {url}");
+            let event = within(STEP, "the probe's Network.responseReceived", browser.wait_event(|v| {
+                v["method"] == "Network.responseReceived" && v["params"]["response"]["url"] == url.as_str()
+            }))
+            .await
+            .unwrap();
+            let details = &event["params"]["response"]["securityDetails"];
+            details["subjectName"].as_str().unwrap_or_else(|| panic!("no security details: {event}")).to_string()
+        }
+
+        let opened = within(
+            STEP,
+            "the first browser session",
+            browser.evaluate(&format!(
+                "stt.open({url}).then((s) => {{ stt.sessions.a = s; return stt.echo(s, 10); }})"
+            )),
+        )
+        .await;
+        assert_eq!(opened, Ok(Value::from(10)), "session opened before the swap");
+        assert_eq!(probe_subject(&mut browser, port, 1).await, "test leaf 1");
+
+        let second = ca.leaf(&["localhost"], 2);
+        second.write(&cert, &key);
+        let client = ca.client_config();
+        support::eventually(STEP, "the new certificate served", || async {
+            served_cert(h.listen, &client).await == second.der
+        })
+        .await;
+        assert_eq!(
+            probe_subject(&mut browser, port, 2).await,
+            "test leaf 2",
+            "a connection made after the swap gets the new certificate"
+        );
+
+        let new_session = within(
+            STEP,
+            "a browser session after the swap",
+            browser.evaluate(&format!(
+                "stt.open({url}).then(async (s) => {{ await stt.echo(s, 10); return stt.end(s); }})"
+            )),
+        )
+        .await
+        .unwrap();
+        let old_session = within(
+            STEP,
+            "the session opened before the swap",
+            browser.evaluate("stt.echo(stt.sessions.a, 10).then(() => stt.end(stt.sessions.a))"),
+        )
+        .await
+        .unwrap();
+        eprintln!("chromium over wss: new session {new_session}, old session {old_session}");
+        for (what, v) in [("new", &new_session), ("old", &old_session)] {
+            assert_eq!(v["code"], 1000, "{what} session: {v}");
+            assert_eq!(v["wasClean"], true, "{what} session: {v}");
+            assert_eq!(v["ended"], true, "{what} session: session.ended before the close: {v}");
+        }
+        drop(browser);
         h.stop().await;
     })
     .await;

@@ -595,6 +595,7 @@ async fn killed_backend_closes_its_clients_1014_and_the_pool_refills() {
 
 /// An idle connection whose backend stops answering pings is discarded within
 /// health_interval (+10 % jitter) + health_timeout, and replaced.
+/// (tests/tls.rs checks the same over TLS.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connection_without_pong_is_discarded_and_replaced() {
     bounded(TEST_LIMIT, async {
@@ -605,37 +606,7 @@ async fn idle_connection_without_pong_is_discarded_and_replaced() {
         })
         .await;
         h.wait_warm().await;
-        let b = &h.backends[0];
-        eventually(STEP, "a first health ping answered", || async {
-            b.stats().pings_answered >= 1
-        })
-        .await;
-        assert_eq!(b.stats().dials, 1);
-
-        b.set_pong_delay(Duration::from_secs(5));
-        let took = eventually(STEP, "the silent connection discarded", || async {
-            h.pools().await.get("b0", "discarded_total") >= 1
-        })
-        .await;
-        // Answer pings again so the replacement stays.
-        b.set_pong_delay(Duration::ZERO);
-        let bound = Duration::from_millis(330 + 200);
-        let slack = Duration::from_millis(250);
-        assert!(
-            took <= bound + slack,
-            "discarded after {took:?}, bound {bound:?} (+{slack:?} slack)"
-        );
-        eventually(
-            STEP,
-            "a replacement dialed, live back at target",
-            || async {
-                let p = h.pools().await;
-                b.stats().dials >= 2 && p.get("b0", "live") == 1 && p.get("b0", "idle") == 1
-            },
-        )
-        .await;
-        let m = h.metrics().await;
-        assert!(m.get(r#"sttproxy_health_check_failures_total{backend="b0"}"#) >= 1.0);
+        support::a_silent_idle_connection_is_discarded_and_replaced(&h).await;
         // The replacement carries a session.
         let mut ws = connect(&h.ws_url()).await;
         let id = expect_started(&mut ws).await;

@@ -30,6 +30,11 @@ pub enum DialError {
     Tls { url: String, source: io::Error },
     #[error("websocket handshake with {url}: {reason}")]
     Handshake { url: String, reason: String },
+    #[error("tls settings for {url}: {source}")]
+    TlsSettings {
+        url: String,
+        source: Box<crate::tls::TlsError>,
+    },
 }
 
 /// A parsed `ws://` or `wss://` backend address.
@@ -276,13 +281,27 @@ pub struct WsDialer {
 }
 
 impl WsDialer {
+    /// A dialer of `url`; a `wss://` one uses `tls` (the proxy's backend TLS
+    /// settings), or the defaults (Mozilla roots, no client certificate).
     pub fn new(
         url: &str,
         connect_timeout: Duration,
         handshake_timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Self, DialError> {
         let addr = BackendAddr::parse(url)?;
-        let tls = addr.tls.then(tls_client_config);
+        let tls = match (addr.tls, tls) {
+            (false, _) => None,
+            (true, Some(config)) => Some(config),
+            (true, None) => Some(
+                crate::tls::backend::client_config(&Default::default()).map_err(|source| {
+                    DialError::TlsSettings {
+                        url: url.to_string(),
+                        source: Box::new(source),
+                    }
+                })?,
+            ),
+        };
         Ok(Self {
             addr,
             connect_timeout,
@@ -357,26 +376,6 @@ impl Dialer for WsDialer {
     async fn dial(&self) -> Result<BackendConn, DialError> {
         self.connect().await
     }
-}
-
-/// rustls client settings for `wss://` backends: the ring provider (no aws-lc
-/// build) and the Mozilla root store.
-fn tls_client_config() -> Arc<rustls::ClientConfig> {
-    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = match rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-    {
-        Ok(b) => b.with_root_certificates(roots).with_no_client_auth(),
-        // The ring provider supports the default versions; fall back to the
-        // process default rather than fail a dial.
-        Err(_) => rustls::ClientConfig::builder()
-            .with_root_certificates(rustls::RootCertStore::from_iter(
-                webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
-            ))
-            .with_no_client_auth(),
-    };
-    Arc::new(config)
 }
 
 #[cfg(test)]

@@ -30,6 +30,9 @@ pub struct PoolTuning {
     /// Idle queue capacity per pool: `max_size` may later grow up to this
     /// without replacing the pool.
     pub capacity_headroom: usize,
+    /// TLS client settings toward `wss://` backends; `None`: the defaults
+    /// (Mozilla roots, no client certificate).
+    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for PoolTuning {
@@ -43,6 +46,7 @@ impl Default for PoolTuning {
             handshake_timeout: Duration::from_secs(5),
             max_message_size: 1 << 20,
             capacity_headroom: 4096,
+            backend_tls: None,
         }
     }
 }
@@ -95,6 +99,7 @@ impl BackendPool {
             &spec.url,
             tuning.connect_timeout,
             tuning.handshake_timeout,
+            tuning.backend_tls.clone(),
         )?);
         let pool = ConnPool::new(PoolConfig {
             capacity: spec.max_size.max(tuning.capacity_headroom),

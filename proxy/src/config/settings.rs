@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,8 @@ use crate::handshake::HandshakeLimits;
 use crate::reconcile::ReconcileConfig;
 use crate::relay::rate::RateLimits;
 use crate::session::SessionSettings;
+use crate::tls::TlsListenerSettings;
+use crate::tls::backend::BackendTlsFiles;
 
 /// Durations in the file are human strings: "250ms", "5s", "2m".
 pub(crate) mod human_duration {
@@ -75,6 +77,34 @@ pub struct Settings {
     pub max_headers: usize,
     /// The request target (path and query) in bytes at most; beyond: HTTP 414.
     pub max_uri_bytes: usize,
+    /// The client listener's certificate chain (PEM, leaf first). With
+    /// `tls_key` the listener speaks TLS only (`wss://`); both or neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// A client's TLS handshake must complete within this (then the HTTP
+    /// request gets `handshake_timeout`).
+    #[serde(with = "human_duration")]
+    pub tls_handshake_timeout: Duration,
+    /// TLS handshakes in progress at most; beyond, a new connection is closed at once.
+    pub max_concurrent_tls_handshakes: usize,
+    /// How often `tls_cert` and `tls_key` are read for a change (SIGHUP
+    /// reloads at once). A changed pair is served to new connections; open
+    /// sessions keep theirs.
+    #[serde(with = "human_duration")]
+    pub tls_reload_interval: Duration,
+    /// CA certificates (PEM) trusted for `wss://` backends besides the
+    /// Mozilla roots: a private CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_tls_ca: Option<PathBuf>,
+    /// A client certificate chain (PEM) shown to `wss://` backends that ask
+    /// for one (mutual TLS); with `backend_tls_client_key`, both or neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_tls_client_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_tls_client_key: Option<PathBuf>,
     /// The client's HTTP request must arrive within this.
     #[serde(with = "human_duration")]
     pub handshake_timeout: Duration,
@@ -198,6 +228,14 @@ impl Default for Settings {
             max_header_bytes: HandshakeLimits::default().header_bytes,
             max_headers: HandshakeLimits::default().headers,
             max_uri_bytes: HandshakeLimits::default().uri_bytes,
+            tls_cert: None,
+            tls_key: None,
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_concurrent_tls_handshakes: 1024,
+            tls_reload_interval: Duration::from_secs(10),
+            backend_tls_ca: None,
+            backend_tls_client_cert: None,
+            backend_tls_client_key: None,
             handshake_timeout: Duration::from_secs(10),
             acquire_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
@@ -288,10 +326,12 @@ impl Settings {
 
     /// Every duration setting with its smallest sane value: zero would spin
     /// or panic (a zero interval); the largest is a day for all (more is a typo).
-    fn durations(&self) -> [(&'static str, Duration, Duration); 16] {
+    fn durations(&self) -> [(&'static str, Duration, Duration); 18] {
         let ms = Duration::from_millis;
         [
             ("handshake_timeout", self.handshake_timeout, ms(10)),
+            ("tls_handshake_timeout", self.tls_handshake_timeout, ms(10)),
+            ("tls_reload_interval", self.tls_reload_interval, ms(10)),
             ("acquire_timeout", self.acquire_timeout, ms(1)),
             ("drain_timeout", self.drain_timeout, ms(10)),
             ("idle_timeout", self.idle_timeout, ms(100)),
@@ -362,6 +402,7 @@ impl Settings {
         if let Some(jwt) = &self.jwt {
             jwt.validate().map_err(ConfigError::Invalid)?;
         }
+        self.validate_tls()?;
         if self.max_message_size < 1024 {
             return Err(ConfigError::Invalid(
                 "max_message_size must be at least 1024".into(),
@@ -377,6 +418,52 @@ impl Settings {
             })?;
         }
         Ok(())
+    }
+
+    /// Certificate and key come in pairs; the handshake cap is at least one.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let pairs = [
+            ("tls_cert", &self.tls_cert, "tls_key", &self.tls_key),
+            (
+                "backend_tls_client_cert",
+                &self.backend_tls_client_cert,
+                "backend_tls_client_key",
+                &self.backend_tls_client_key,
+            ),
+        ];
+        for (a, a_set, b, b_set) in pairs {
+            if a_set.is_some() != b_set.is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "{a} and {b} go together: set both or neither"
+                )));
+            }
+        }
+        if self.max_concurrent_tls_handshakes == 0 {
+            return Err(ConfigError::Invalid(
+                "max_concurrent_tls_handshakes must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The client listener's certificate and key files, when it speaks TLS.
+    pub fn client_tls_files(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
+    }
+
+    pub fn tls_listener_settings(&self) -> TlsListenerSettings {
+        TlsListenerSettings {
+            handshake_timeout: self.tls_handshake_timeout,
+            max_concurrent_handshakes: self.max_concurrent_tls_handshakes,
+        }
+    }
+
+    pub fn backend_tls_files(&self) -> BackendTlsFiles {
+        BackendTlsFiles {
+            ca_file: self.backend_tls_ca.clone(),
+            client_cert: self.backend_tls_client_cert.clone(),
+            client_key: self.backend_tls_client_key.clone(),
+        }
     }
 
     /// Every handshake size limit with its sane range.
@@ -479,6 +566,8 @@ impl Settings {
             handshake_timeout: self.backend_handshake_timeout,
             max_message_size: self.max_message_size,
             capacity_headroom: self.default_max_size.max(4096),
+            // Read from files at start (`Proxy::start`), not here.
+            backend_tls: None,
         }
     }
 }
@@ -555,5 +644,34 @@ mod tests {
             let err = s.validate().unwrap_err().to_string();
             assert!(err.contains(key), "{key} = {value}: {err}");
         }
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs_and_the_handshake_cap_is_positive() {
+        for (text, key) in [
+            (r#"tls_cert = "c.pem""#, "tls_cert"),
+            (r#"tls_key = "k.pem""#, "tls_key"),
+            (
+                r#"backend_tls_client_cert = "c.pem""#,
+                "backend_tls_client_key",
+            ),
+            (
+                r#"backend_tls_client_key = "k.pem""#,
+                "backend_tls_client_cert",
+            ),
+            (
+                "max_concurrent_tls_handshakes = 0",
+                "max_concurrent_tls_handshakes",
+            ),
+            (r#"tls_handshake_timeout = "0s""#, "tls_handshake_timeout"),
+        ] {
+            let s: Settings = toml::from_str(text).unwrap();
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let both: Settings = toml::from_str("tls_cert = \"c.pem\"\ntls_key = \"k.pem\"").unwrap();
+        both.validate().unwrap();
+        assert!(both.client_tls_files().is_some());
+        assert!(Settings::default().client_tls_files().is_none());
     }
 }

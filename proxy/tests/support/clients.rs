@@ -169,12 +169,21 @@ pub struct Chromium {
     /// The page's DevTools WebSocket.
     page: super::Ws,
     next_id: u64,
+    /// DevTools events (messages with a `method`) read while waiting for a
+    /// command's answer, oldest first.
+    events: Vec<serde_json::Value>,
 }
 
 impl Chromium {
     /// Start `bin` headless on `about:blank` with a fresh profile and connect
     /// to the page's DevTools endpoint.
     pub async fn launch(bin: &std::path::Path) -> Self {
+        Self::launch_with_home(bin, None).await
+    }
+
+    /// As [`Chromium::launch`], with `HOME` set to `home` (where Chromium on
+    /// Linux finds its NSS certificate database, `.pki/nssdb`).
+    pub async fn launch_with_home(bin: &std::path::Path, home: Option<&std::path::Path>) -> Self {
         use std::io::BufRead;
         use std::process::Stdio;
 
@@ -184,7 +193,11 @@ impl Chromium {
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&profile).expect("creating the Chromium profile dir");
-        let mut child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if let Some(home) = home {
+            cmd.env("HOME", home);
+        }
+        let mut child = cmd
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -268,26 +281,46 @@ impl Chromium {
             profile,
             page,
             next_id: 0,
+            events: Vec::new(),
         }
     }
 
-    /// Evaluate `expression` in the page, awaiting the promise it returns;
-    /// the value (by value), or the exception as an `Err`.
-    pub async fn evaluate(&mut self, expression: &str) -> Result<serde_json::Value, String> {
-        use futures_util::{SinkExt, StreamExt};
+    /// Send a DevTools command to the page; its `result`, or the error.
+    pub async fn command(
+        &mut self,
+        method: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        use futures_util::SinkExt;
         use tokio_tungstenite::tungstenite::Message;
 
         self.next_id += 1;
         let id = self.next_id;
-        let command = serde_json::json!({
-            "id": id,
-            "method": "Runtime.evaluate",
-            "params": {"expression": expression, "awaitPromise": true, "returnByValue": true},
-        });
+        let command = serde_json::json!({"id": id, "method": method, "params": params});
         self.page
             .send(Message::text(command.to_string()))
             .await
             .map_err(|e| format!("sending to DevTools: {e}"))?;
+        loop {
+            let v = self.next_message().await?;
+            if v["id"] != id {
+                if v.get("method").is_some() {
+                    self.events.push(v);
+                }
+                continue;
+            }
+            if let Some(e) = v.get("error") {
+                return Err(format!("DevTools error: {e}"));
+            }
+            return Ok(v["result"].clone());
+        }
+    }
+
+    /// The next JSON message from the page's DevTools endpoint.
+    async fn next_message(&mut self) -> Result<serde_json::Value, String> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+
         loop {
             let msg = self
                 .page
@@ -295,21 +328,50 @@ impl Chromium {
                 .await
                 .ok_or("DevTools connection ended")?
                 .map_err(|e| format!("DevTools: {e}"))?;
-            let Message::Text(text) = msg else { continue };
-            let v: serde_json::Value =
-                serde_json::from_str(text.as_str()).map_err(|e| format!("DevTools JSON: {e}"))?;
-            if v["id"] != id {
-                continue;
+            if let Message::Text(text) = msg {
+                return serde_json::from_str(text.as_str())
+                    .map_err(|e| format!("DevTools JSON: {e}"));
             }
-            if let Some(e) = v.get("error") {
-                return Err(format!("DevTools error: {e}"));
-            }
-            let result = &v["result"];
-            if let Some(e) = result.get("exceptionDetails") {
-                return Err(format!("exception: {e}"));
-            }
-            return Ok(result["result"]["value"].clone());
         }
+    }
+
+    /// The first DevTools event (already read or still to come) for which
+    /// `matches` holds, removed from the backlog.
+    pub async fn wait_event(
+        &mut self,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value, String> {
+        if let Some(i) = self.events.iter().position(&matches) {
+            return Ok(self.events.remove(i));
+        }
+        loop {
+            let v = self.next_message().await?;
+            if matches(&v) {
+                return Ok(v);
+            }
+            if v.get("method").is_some() {
+                self.events.push(v);
+            }
+        }
+    }
+
+    /// Evaluate `expression` in the page, awaiting the promise it returns;
+    /// the value (by value), or the exception as an `Err`.
+    pub async fn evaluate(&mut self, expression: &str) -> Result<serde_json::Value, String> {
+        let result = self
+            .command(
+                "Runtime.evaluate",
+                serde_json::json!({
+                    "expression": expression,
+                    "awaitPromise": true,
+                    "returnByValue": true,
+                }),
+            )
+            .await?;
+        if let Some(e) = result.get("exceptionDetails") {
+            return Err(format!("exception: {e}"));
+        }
+        Ok(result["result"]["value"].clone())
     }
 }
 

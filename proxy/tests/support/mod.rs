@@ -7,6 +7,7 @@
 pub mod clients;
 pub mod raw;
 pub mod raw_backend;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -642,4 +643,42 @@ impl Drop for ProxyProcess {
         }
         let _ = std::fs::remove_dir_all(&self.cwd);
     }
+}
+
+/// The health check's promise, on a harness with one backend `b0` (target 1,
+/// health_interval 300 ms, health_timeout 200 ms), warm: once its backend
+/// stops answering pings, the idle connection is discarded within
+/// health_interval (+10 % jitter) + health_timeout and a replacement dialed.
+pub async fn a_silent_idle_connection_is_discarded_and_replaced(h: &Harness) {
+    let b = &h.backends[0];
+    eventually(STEP, "a first health ping answered", || async {
+        b.stats().pings_answered >= 1
+    })
+    .await;
+    assert_eq!(b.stats().dials, 1);
+
+    b.set_pong_delay(Duration::from_secs(5));
+    let took = eventually(STEP, "the silent connection discarded", || async {
+        h.pools().await.get("b0", "discarded_total") >= 1
+    })
+    .await;
+    // Answer pings again so the replacement stays.
+    b.set_pong_delay(Duration::ZERO);
+    let bound = Duration::from_millis(330 + 200);
+    let slack = Duration::from_millis(250);
+    assert!(
+        took <= bound + slack,
+        "discarded after {took:?}, bound {bound:?} (+{slack:?} slack)"
+    );
+    eventually(
+        STEP,
+        "a replacement dialed, live back at target",
+        || async {
+            let p = h.pools().await;
+            b.stats().dials >= 2 && p.get("b0", "live") == 1 && p.get("b0", "idle") == 1
+        },
+    )
+    .await;
+    let m = h.metrics().await;
+    assert!(m.get(r#"sttproxy_health_check_failures_total{backend="b0"}"#) >= 1.0);
 }
