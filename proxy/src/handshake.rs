@@ -135,14 +135,28 @@ impl OriginPolicy {
 /// An origin as RFC 6454 serializes it: scheme and host in lower case, no
 /// default port, no trailing slash. `HTTPS://App.example:443/` and
 /// `https://app.example` are the same origin.
+///
+/// Applied until nothing changes, so that normalizing twice is normalizing
+/// once (found by fuzzing: `"x /"` lost its slash, then its space, on two
+/// passes): an allowlist entry and a request's origin meet in one form.
 pub fn normalize_origin(origin: &str) -> String {
-    let mut o = origin.trim().trim_end_matches('/').to_ascii_lowercase();
-    for (scheme, port) in [("https://", ":443"), ("http://", ":80")] {
-        if o.starts_with(scheme) && o.ends_with(port) {
-            o.truncate(o.len() - port.len());
+    let mut o = origin.to_ascii_lowercase();
+    loop {
+        let before = o.len();
+        o = o
+            .trim_start()
+            .trim_end_matches(|c: char| c == '/' || c.is_whitespace())
+            .to_string();
+        for (scheme, port) in [("https://", ":443"), ("http://", ":80")] {
+            if o.starts_with(scheme) && o.ends_with(port) {
+                o.truncate(o.len() - port.len());
+            }
+        }
+        // Every pass that changes something shortens it: this ends.
+        if o.len() == before {
+            return o;
         }
     }
-    o
 }
 
 #[cfg(test)]
@@ -214,6 +228,29 @@ mod tests {
             "x",
         ] {
             assert!(!valid_websocket_key(&key(bad)), "{bad:?} accepted");
+        }
+    }
+
+    /// Fuzzing findings (fuzz/fuzz_targets/handshake.rs): each took two
+    /// passes to reach its normal form.
+    #[test]
+    fn normalizing_an_origin_twice_is_normalizing_it_once() {
+        for found in [
+            "%:%%:F /",
+            "https://a:443/:443",
+            "https://a :443",
+            "http://x:80:80",
+        ] {
+            let once = normalize_origin(found);
+            assert_eq!(normalize_origin(&once), once, "{found:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn origin_normalization_is_idempotent(o in "[ -~\\t]{0,40}") {
+            let once = normalize_origin(&o);
+            proptest::prop_assert_eq!(normalize_origin(&once), once);
         }
     }
 

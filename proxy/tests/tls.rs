@@ -325,14 +325,19 @@ async fn handshakes_beyond_the_cap_are_closed_at_once_and_counted() {
             TcpStream::connect(p.h.listen).await.unwrap(),
             TcpStream::connect(p.h.listen).await.unwrap(),
         ];
-        // A third is closed at once (once both holders' tasks have taken
-        // their slot).
+        // A third is closed at once. A probe whose task ran before a
+        // holder's took that holder's slot (and the holder was closed): it
+        // is kept open so that the slots fill up, not handed on probe to probe.
+        let kept = std::sync::Mutex::new(Vec::new());
         eventually(
             STEP,
             "a connection beyond the cap closed at once",
             || async {
                 let mut tcp = TcpStream::connect(p.h.listen).await.unwrap();
                 let (_, closed) = read_to_close(&mut tcp, Duration::from_millis(200)).await;
+                if !closed {
+                    kept.lock().unwrap().push(tcp);
+                }
                 closed
             },
         )
@@ -340,6 +345,7 @@ async fn handshakes_beyond_the_cap_are_closed_at_once_and_counted() {
         assert!(p.count(&handshakes("over_capacity")).await >= 1.0);
         // Their slots come back when they leave.
         drop(holders);
+        drop(kept);
         let (mut ws, _) = eventually_connect(&p).await;
         let id = expect_started(&mut ws).await;
         echo_round(&mut ws, 0).await;
