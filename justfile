@@ -4,6 +4,10 @@
 repro *ARGS:
     cargo repro {{ARGS}}
 
+# The soak: sttproxy alone under finite sessions, misbehaving clients and backend kills.
+soak duration="30m":
+    cargo repro --scenario soak --duration {{duration}}
+
 # The whole test suite (unit, proptest, integration over 127.0.0.1).
 test:
     cargo test --workspace

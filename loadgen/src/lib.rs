@@ -263,6 +263,7 @@ fn latency_of(h: &Histogram<u64>) -> Latency {
 struct Second {
     sent: u64,
     received: u64,
+    aborted: u64,
     hist: Histogram<u64>,
 }
 
@@ -309,15 +310,18 @@ impl Collector<'_, '_> {
                 second,
                 sent,
                 received,
+                aborted,
                 hist,
             } => {
                 let entry = self.pending.entry(second).or_insert_with(|| Second {
                     sent: 0,
                     received: 0,
+                    aborted: 0,
                     hist: self.template.clone(),
                 });
                 entry.sent += sent;
                 entry.received += received;
+                entry.aborted += aborted;
                 let _ = entry.hist.add(&hist);
                 if let Some(next) = self.shard_next.get_mut(shard) {
                     *next = (*next).max(second + 1);
@@ -358,6 +362,7 @@ impl Collector<'_, '_> {
                 t: (second + 1) as f64,
                 sent: s.sent,
                 received: s.received,
+                aborted: s.aborted,
                 p99_ms: p99,
             });
             self.last_second = Some((s.sent, s.received, p99));
@@ -381,6 +386,7 @@ fn add_totals(a: &mut Totals, b: &Totals) {
     a.sent += b.sent;
     a.received += b.received;
     a.lost += b.lost;
+    a.lost_completed += b.lost_completed;
     a.duplicated += b.duplicated;
     a.out_of_order += b.out_of_order;
     a.cross_session += b.cross_session;
@@ -778,6 +784,7 @@ where
             sent: totals.sent,
             received: totals.received,
             lost: totals.lost,
+            lost_completed: totals.lost_completed,
             duplicated: totals.duplicated,
             out_of_order: totals.out_of_order,
             cross_session: totals.cross_session,

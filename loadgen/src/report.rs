@@ -136,6 +136,10 @@ pub struct MessageCounts {
     pub received: u64,
     /// `sent - received` once every session has drained.
     pub lost: u64,
+    /// Of `lost`, lost in sessions that ended cleanly (`session.ended` received, or a
+    /// 1000 Close in the drain): a relay that loses nothing keeps this at 0 even while
+    /// sessions on a failed backend lose their in-flight messages.
+    pub lost_completed: u64,
     /// Data messages whose sequence number had already been received.
     pub duplicated: u64,
     /// First arrivals with a sequence number below the highest already seen.
@@ -251,6 +255,9 @@ pub struct TimelineEntry {
     pub t: f64,
     pub sent: u64,
     pub received: u64,
+    /// Sessions that ended other than cleanly in the interval (closed by the server
+    /// with a code other than 1000, reset, drain timeout, ...).
+    pub aborted: u64,
     /// 0 when nothing was received in the interval.
     pub p99_ms: f64,
 }

@@ -97,6 +97,17 @@ impl Proc {
     pub fn stop(&mut self, grace: Duration) {
         self.group.stop(grace);
     }
+
+    /// Whether the child has exited, without waiting; once it has, what it
+    /// left in its group is killed.
+    pub fn try_wait(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        self.group.try_wait()
+    }
+
+    /// SIGKILL to its group at once (see [`Group::kill`]).
+    pub fn kill(&mut self) {
+        self.group.kill();
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (bound, then released).

@@ -5,6 +5,7 @@
 
 mod index;
 pub mod pool_metrics;
+pub mod soak;
 mod systems;
 
 use std::path::{Path, PathBuf};
@@ -243,23 +244,7 @@ fn build(root: &Path, out: &Path, no_build: bool) -> anyhow::Result<VenvPrep> {
         .env("BASELINE_PREPARE_ONLY", "1");
     let venv = Proc::spawn("venv", venv_cmd, out);
     if !no_build {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        eprintln!("repro: building the release binaries ...");
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(root).args([
-            "build",
-            "--release",
-            "-p",
-            "echo-backend",
-            "-p",
-            "sttproxy",
-            "-p",
-            "loadgen",
-        ]);
-        let status = Group::spawn("cargo build", cmd)?.wait(Duration::from_secs(3600))?;
-        if !status.success() {
-            bail!("cargo build failed ({status})");
-        }
+        cargo_build_release(root)?;
     }
     Ok(venv.map_err(|e| format!("starting baseline/python/run.sh: {e:#}")))
 }
@@ -341,6 +326,48 @@ fn measure_rounds(
         }
     }
     measured
+}
+
+/// Run the soak (see [`soak`]): build unless told not to, then sttproxy
+/// alone for `duration`; returns the report directory.
+pub fn run_soak(
+    out: Option<PathBuf>,
+    no_build: bool,
+    duration: Duration,
+    command: String,
+) -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    let out = out.unwrap_or_else(|| {
+        root.join("reports/out")
+            .join(format!("soak-{}", timestamp()))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    if !no_build {
+        cargo_build_release(&root)?;
+    }
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    soak::run(&target_dir(&root).join("release"), &out, duration, command)
+}
+
+fn cargo_build_release(root: &Path) -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("repro: building the release binaries ...");
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "echo-backend",
+        "-p",
+        "sttproxy",
+        "-p",
+        "loadgen",
+    ]);
+    let status = Group::spawn("cargo build", cmd)?.wait(Duration::from_secs(3600))?;
+    if !status.success() {
+        bail!("cargo build failed ({status})");
+    }
+    Ok(())
 }
 
 /// Run the whole reproduction; returns the report directory.

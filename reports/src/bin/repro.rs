@@ -17,7 +17,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Scenario: reference (default), quick, seed, stt, idle-3000, churn,
-    /// churn-quick.
+    /// churn-quick, soak.
     #[arg(long, default_value = "reference")]
     scenario: String,
     /// Rounds: every system is measured once per round, the order rotated
@@ -33,6 +33,9 @@ struct Args {
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// The soak's length (`--scenario soak` only; at least 100s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<std::time::Duration>,
     /// Internal: run as the guardian that ends the children of a killed repro.
     #[arg(long = "guardian", hide = true)]
     guardian: bool,
@@ -44,6 +47,11 @@ fn main() -> anyhow::Result<()> {
         for s in SCENARIOS {
             println!("{:<10} {}", s.name, s.about);
         }
+        println!(
+            "{:<10} sttproxy alone for 30 min (--duration): ≈1,000 finite sessions, 1 in 50 misbehaving, \
+             backends killed and retargeted; checks rules instead of comparing systems",
+            "soak"
+        );
         return Ok(());
     }
     if args.guardian {
@@ -54,6 +62,21 @@ fn main() -> anyhow::Result<()> {
     // parent-death signal fires when the spawning thread exits.
     reports::procs::start_guardian();
     reports::procs::stop_all_on_interrupt()?;
+    let command = std::iter::once("cargo repro".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if args.scenario == "soak" {
+        let duration = args
+            .duration
+            .unwrap_or(repro::soak::SoakPlan::DEFAULT_DURATION);
+        let dir = repro::run_soak(args.out, args.no_build, duration, command)?;
+        println!("{}", dir.display());
+        return Ok(());
+    }
+    if args.duration.is_some() {
+        anyhow::bail!("--duration is for --scenario soak only");
+    }
     let name = match (args.quick, args.scenario.as_str()) {
         (false, name) => name.to_string(),
         (true, "reference" | "quick") => "quick".to_string(),
@@ -65,10 +88,7 @@ fn main() -> anyhow::Result<()> {
         rounds: usize::from(args.rounds),
         out: args.out,
         no_build: args.no_build,
-        command: std::iter::once("cargo repro".to_string())
-            .chain(std::env::args().skip(1))
-            .collect::<Vec<_>>()
-            .join(" "),
+        command,
     };
     let dir = repro::run(&opts)?;
     println!("{}", dir.display());

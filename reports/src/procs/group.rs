@@ -221,6 +221,18 @@ impl Group {
         }
     }
 
+    /// The leader's exit status if it has exited (then what it left in its
+    /// group is killed), without waiting.
+    pub fn try_wait(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        match self.child.try_wait()? {
+            Some(status) => {
+                self.finish();
+                Ok(Some(status))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// SIGTERM to the group, SIGKILL to whatever of it is left after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         if self.ended {
@@ -242,6 +254,17 @@ impl Group {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.finish();
+    }
+
+    /// SIGKILL to the whole group at once, without the grace of [`stop`]: a
+    /// crash, as the soak's backend faults need (no close frames, no FIN
+    /// sent in an orderly shutdown; the kernel resets what was open).
+    ///
+    /// [`stop`]: Self::stop
+    pub fn kill(&mut self) {
+        if !self.ended {
+            self.finish();
+        }
     }
 
     /// Kill what is left of the group, reap the leader, unregister.

@@ -39,7 +39,7 @@ impl Scrape {
     }
 
     /// `name`'s value, summed over all its label sets (0 when absent).
-    fn sum(&self, name: &str) -> f64 {
+    pub fn sum(&self, name: &str) -> f64 {
         self.samples
             .iter()
             .filter(|(k, _)| k.as_str() == name || k.starts_with(&format!("{name}{{")))
@@ -49,6 +49,24 @@ impl Scrape {
 
     fn get(&self, key: &str) -> f64 {
         self.samples.get(key).copied().unwrap_or(0.0)
+    }
+
+    /// The sample `key` exactly as exposed (`name` or `name{labels}`); 0
+    /// when absent.
+    pub fn value(&self, key: &str) -> f64 {
+        self.get(key)
+    }
+
+    /// `name`'s samples by the value of its one label `label`.
+    pub fn labelled(&self, name: &str, label: &str) -> Vec<(String, f64)> {
+        let prefix = format!("{name}{{{label}=\"");
+        self.samples
+            .iter()
+            .filter_map(|(k, v)| {
+                let value = k.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+                Some((value.to_string(), *v))
+            })
+            .collect()
     }
 
     /// The cumulative buckets of histogram `name`: (upper bound, count), by bound.
