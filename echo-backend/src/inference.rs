@@ -65,8 +65,9 @@ impl Slots {
             return Duration::ZERO;
         };
         let heap = heap.lock().unwrap_or_else(PoisonError::into_inner);
-        heap.peek()
-            .map_or(Duration::ZERO, |Reverse(at)| at.saturating_duration_since(now))
+        heap.peek().map_or(Duration::ZERO, |Reverse(at)| {
+            at.saturating_duration_since(now)
+        })
     }
 }
 
@@ -91,9 +92,7 @@ mod tests {
         let slots = Slots::new(Some(2));
         let now = Instant::now();
         let ms = Duration::from_millis;
-        let waits: Vec<Duration> = (0..6)
-            .map(|_| slots.reserve(now, ms(10)).queued)
-            .collect();
+        let waits: Vec<Duration> = (0..6).map(|_| slots.reserve(now, ms(10)).queued).collect();
         assert_eq!(waits, [ms(0), ms(0), ms(10), ms(10), ms(20), ms(20)]);
         assert_eq!(slots.wait(now), ms(30));
         // Later, with both slots free again, nothing waits.

@@ -107,8 +107,8 @@ pub struct Stt {
     /// Inference slots shared by every connection of the backend process: each result (or
     /// error) occupies one slot for its inference delay; a result that finds every slot busy
     /// waits in a FIFO queue, and reports the wait as `queue_ms`. `None`: unlimited (no
-    /// queue). Work of a connection that goes away is not cancelled (it already holds its
-    /// slot), as on a server that finishes a batch it started.
+    /// queue); at most [`MAX_SLOTS`]. Work of a connection that goes away is not cancelled
+    /// (it already holds its slot), as on a server that finishes a batch it started.
     pub slots: Option<usize>,
     /// Audio bytes per millisecond: offsets (`audio_start_ms`, `audio_end_ms`) are bytes
     /// received divided by this. 32 = 16 kHz, 16-bit, mono PCM.
@@ -129,6 +129,9 @@ pub struct Stt {
     /// `session.end`, which is answered with `session.ended` as always. `None`: no limit.
     pub session_time_limit: Option<Duration>,
 }
+
+/// Most inference slots accepted (each is a few bytes of bookkeeping).
+pub const MAX_SLOTS: usize = 1_000_000;
 
 /// Default audio bytes per millisecond (16 kHz, 16-bit, mono PCM).
 pub const DEFAULT_BYTES_PER_MS: u64 = 32;
@@ -229,8 +232,10 @@ impl Config {
             return Err(Error::Config("max_message_size must be positive"));
         }
         let stt = &self.stt;
-        if stt.slots == Some(0) {
-            return Err(Error::Config("stt.slots must be positive (None: unlimited)"));
+        if stt.slots.is_some_and(|n| n == 0 || n > MAX_SLOTS) {
+            return Err(Error::Config(
+                "stt.slots must be in 1..=1000000 (None: unlimited)",
+            ));
         }
         if stt.bytes_per_ms == 0 {
             return Err(Error::Config("stt.bytes_per_ms must be positive"));

@@ -287,7 +287,8 @@ mod tests {
             audio_start_ms: 500,
             audio_end_ms: 620,
         };
-        let v: serde_json::Value = serde_json::from_str(&result(Some("s\"x"), &step, 7, &text(&step))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&result(Some("s\"x"), &step, 7, &text(&step))).unwrap();
         assert_eq!(v["type"], "partial");
         assert_eq!(v["session"], "s\"x");
         assert_eq!(v["seq"], 3);
@@ -302,7 +303,8 @@ mod tests {
             kind: Kind::Final,
             ..step
         };
-        let v: serde_json::Value = serde_json::from_str(&result(Some("x"), &fin, 0, &closing_text(2, 20))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&result(Some("x"), &fin, 0, &closing_text(2, 20))).unwrap();
         assert_eq!(v["type"], "final");
         assert_eq!(v["seq"], 3);
         assert_eq!(v["text"], "final: 2 chunks, 20 bytes");

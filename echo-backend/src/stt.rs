@@ -189,7 +189,10 @@ mod tests {
             );
         }
         let last = s.finish(&stt);
-        assert_eq!((last.kind, last.seq, last.audio_end_ms), (Kind::Final, 3, 30));
+        assert_eq!(
+            (last.kind, last.seq, last.audio_end_ms),
+            (Kind::Final, 3, 30)
+        );
     }
 
     #[test]

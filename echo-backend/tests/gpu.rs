@@ -223,7 +223,11 @@ async fn finals_at_seeded_pauses_tile_the_audio() {
         // A partial after a pause starts at the pause.
         let partials = of_type(&msgs, "partial");
         assert_eq!(partials.len(), 20);
-        assert!(partials.iter().any(|p| p["audio_start_ms"].as_u64() > Some(0)));
+        assert!(
+            partials
+                .iter()
+                .any(|p| p["audio_start_ms"].as_u64() > Some(0))
+        );
         for p in &partials {
             assert!(p["queue_ms"].is_u64());
         }

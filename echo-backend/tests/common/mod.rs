@@ -62,4 +62,3 @@ pub async fn expect_abrupt_end(ws: &mut Ws) {
         }
     }
 }
-
