@@ -53,6 +53,8 @@ pub(crate) fn ws_config(max_message_size: usize) -> WebSocketConfig {
 }
 
 /// Serves one accepted TCP connection until it ends.
+// tungstenite's handshake callback returns its `ErrorResponse` (an `http::Response`) by value.
+#[allow(clippy::result_large_err)]
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -85,7 +87,7 @@ pub(crate) async fn serve(
                     admitted = Some(slot);
                     Ok(response)
                 }
-                Err(refusal) => Err(refusal),
+                Err((status, reason)) => Err(refusal(status, reason)),
             },
             Some(config),
         ),
@@ -139,7 +141,7 @@ impl Drop for Admitted<'_> {
 /// Decides the handshake (docs/protocol.md, "The echo-backend's stt mode"): 503 while
 /// `max_connections` connections are open, 429 while the inference queue is longer than
 /// `max_queue`.
-fn admit(shared: &Shared) -> Result<Admitted<'_>, ErrorResponse> {
+fn admit(shared: &Shared) -> Result<Admitted<'_>, (StatusCode, String)> {
     let admission = &shared.config.admission;
     let open = shared.admitted.fetch_add(1, Ordering::Relaxed);
     let slot = Admitted(shared);
@@ -147,7 +149,7 @@ fn admit(shared: &Shared) -> Result<Admitted<'_>, ErrorResponse> {
         && open >= max
     {
         bump(&shared.counters.rejected_503);
-        return Err(refusal(
+        return Err((
             StatusCode::SERVICE_UNAVAILABLE,
             format!("echo-backend at capacity: {max} connections open\n"),
         ));
@@ -156,7 +158,7 @@ fn admit(shared: &Shared) -> Result<Admitted<'_>, ErrorResponse> {
         let wait = shared.slots.wait(Instant::now());
         if wait > max {
             bump(&shared.counters.rejected_429);
-            return Err(refusal(
+            return Err((
                 StatusCode::TOO_MANY_REQUESTS,
                 format!(
                     "echo-backend overloaded: inference queue {} ms (limit {} ms)\n",
