@@ -103,10 +103,12 @@ async fn queue_ms_grows_when_more_sessions_than_slots_stream() {
         }
         let all_at = sent.elapsed();
         queued.sort_unstable();
-        // Two start at once, two wait about one inference, two about two.
-        assert!(queued[1] <= 10, "{queued:?}");
-        assert!((30..=60).contains(&queued[2]), "{queued:?}");
-        assert!(queued[5] >= 80, "{queued:?}");
+        // Two start at once, two wait about one inference, two about two (less the few ms
+        // between the chunks' arrivals).
+        assert_eq!(queued[..2], [0, 0], "{queued:?}");
+        assert!(queued[2..].iter().all(|&q| q >= 1), "{queued:?}");
+        assert!((1..=50).contains(&queued[2]), "{queued:?}");
+        assert!((50..=100).contains(&queued[5]), "{queued:?}");
         assert!(all_at >= MS(140), "{all_at:?}");
         assert!(backend.stats().open_connections == 6);
     })
