@@ -370,7 +370,7 @@ impl Conn<'_> {
     fn on_message(&mut self, msg: Message) -> Flow {
         let flow = self.handle(msg);
         // `stall_all_for`: the whole server is frozen for a while.
-        let stall = self.shared.stall_left(Instant::now());
+        let stall = self.shared.stall_left();
         match flow {
             Flow::Continue if !stall.is_zero() => Flow::Pause(stall),
             Flow::Pause(delay) => Flow::Pause(delay.max(stall)),

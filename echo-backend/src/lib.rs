@@ -411,8 +411,10 @@ struct Shared {
     admitted: AtomicU64,
     /// [`Faults::swap`]: the last data message received, from any connection.
     swap_slot: Mutex<Option<tokio_tungstenite::tungstenite::Message>>,
-    /// [`EchoBackend::stall_all_for`]: no connection reads or writes before this.
-    stalled_until: Mutex<Option<tokio::time::Instant>>,
+    /// [`EchoBackend::stall_all_for`]: no connection reads or writes before `stall_base`
+    /// plus this many µs (0: no stall). An atomic, not a lock: every message reads it.
+    stalled_until_us: AtomicU64,
+    stall_base: tokio::time::Instant,
 }
 
 impl Shared {
@@ -428,11 +430,13 @@ impl Shared {
     }
 
     /// How long a connection must still stall ([`EchoBackend::stall_all_for`]).
-    fn stall_left(&self, now: tokio::time::Instant) -> Duration {
-        self.stalled_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now))
+    fn stall_left(&self) -> Duration {
+        let until_us = self.stalled_until_us.load(Ordering::Relaxed);
+        if until_us == 0 {
+            return Duration::ZERO;
+        }
+        (self.stall_base + Duration::from_micros(until_us))
+            .saturating_duration_since(tokio::time::Instant::now())
     }
 
     /// [`Faults::swap`]: stores `msg`, returns the message stored before.
@@ -488,7 +492,8 @@ pub async fn spawn(listen: SocketAddr, config: Config) -> Result<EchoBackend, Er
         slots: inference::Slots::new(config.stt.slots),
         admitted: AtomicU64::new(0),
         swap_slot: Mutex::new(None),
-        stalled_until: Mutex::new(None),
+        stalled_until_us: AtomicU64::new(0),
+        stall_base: tokio::time::Instant::now(),
         config,
     });
     let guard = TaskGuard::new(&shared, false);
@@ -550,12 +555,12 @@ impl EchoBackend {
     /// now, as if the whole server froze; each notices at its next incoming message and
     /// resumes at the same instant. Outputs already due wait too.
     pub fn stall_all_for(&self, d: Duration) {
-        let until = tokio::time::Instant::now() + d;
-        *self
-            .shared
-            .stalled_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(until);
+        let shared = &self.shared;
+        let until = (tokio::time::Instant::now() + d).duration_since(shared.stall_base);
+        // At least 1 µs: 0 means no stall.
+        shared
+            .stalled_until_us
+            .store(duration_us(until).max(1), Ordering::Relaxed);
     }
 
     /// Drop every open connection abruptly, without a close frame, as if the server had
