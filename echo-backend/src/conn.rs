@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -18,12 +19,15 @@ use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::protocol::{self, Control};
+use crate::stt::{Step, Stream};
 use crate::{Mode, Shared, TaskGuard, bump};
 
 /// A peer that has not completed the WebSocket handshake by then is dropped.
@@ -49,6 +53,8 @@ pub(crate) fn ws_config(max_message_size: usize) -> WebSocketConfig {
 }
 
 /// Serves one accepted TCP connection until it ends.
+// tungstenite's handshake callback returns its `ErrorResponse` (an `http::Response`) by value.
+#[allow(clippy::result_large_err)]
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -62,9 +68,29 @@ pub(crate) async fn serve(
         debug!(%peer, "set_nodelay failed: {e}");
     }
     let config = ws_config(shared.config.max_message_size);
+    let dial_delay = shared.config.admission.dial_delay;
+    if !dial_delay.is_zero() {
+        tokio::select! {
+            biased;
+            () = kill.cancelled() => return,
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(dial_delay) => {}
+        }
+    }
+    let mut admitted = None;
     let handshake = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::accept_async_with_config(stream, Some(config)),
+        tokio_tungstenite::accept_hdr_async_with_config(
+            stream,
+            |_: &Request, response: Response| match admit(shared) {
+                Ok(slot) => {
+                    admitted = Some(slot);
+                    Ok(response)
+                }
+                Err((status, reason)) => Err(refusal(status, reason)),
+            },
+            Some(config),
+        ),
     );
     let ws = tokio::select! {
         biased;
@@ -73,7 +99,7 @@ pub(crate) async fn serve(
         accepted = handshake => match accepted {
             Ok(Ok(ws)) => ws,
             Ok(Err(e)) => {
-                debug!(%peer, "handshake failed: {e}");
+                debug!(%peer, "handshake failed or refused: {e}");
                 return;
             }
             Err(_) => {
@@ -82,6 +108,8 @@ pub(crate) async fn serve(
             }
         },
     };
+    // Held until the connection ends: it counts against `max_connections`.
+    let _admitted = admitted;
     let mut conn = Conn {
         ws,
         shared,
@@ -90,7 +118,8 @@ pub(crate) async fn serve(
         last_due: Instant::now(),
         data_in: 0,
         session: None,
-        unsessioned_seq: 0,
+        loose: None,
+        limit_at: None,
     };
     let exit = conn.run(&cancel, &kill).await;
     match exit {
@@ -98,6 +127,61 @@ pub(crate) async fn serve(
         other => debug!(%peer, "connection ended: {other:?}"),
     }
     // Dropping the stream closes the TCP connection; the guard then uncounts the task.
+}
+
+/// An admitted connection, counted in `Shared::admitted` while it lives.
+struct Admitted<'a>(&'a Shared);
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.admitted.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Decides the handshake (docs/protocol.md, "The echo-backend's stt mode"): 503 while
+/// `max_connections` connections are open, 429 while the inference queue is longer than
+/// `max_queue`.
+fn admit(shared: &Shared) -> Result<Admitted<'_>, (StatusCode, String)> {
+    let admission = &shared.config.admission;
+    let open = shared.admitted.fetch_add(1, Ordering::Relaxed);
+    let slot = Admitted(shared);
+    if let Some(max) = admission.max_connections
+        && open >= max
+    {
+        bump(&shared.counters.rejected_503);
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("echo-backend at capacity: {max} connections open\n"),
+        ));
+    }
+    if let Some(max) = admission.max_queue {
+        let wait = shared.slots.wait(Instant::now());
+        if wait > max {
+            bump(&shared.counters.rejected_429);
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "echo-backend overloaded: inference queue {} ms (limit {} ms)\n",
+                    wait.as_millis(),
+                    max.as_millis()
+                ),
+            ));
+        }
+    }
+    Ok(slot)
+}
+
+/// An HTTP refusal of the upgrade: the status, a one-line reason, `Retry-After: 1`.
+fn refusal(status: StatusCode, reason: String) -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some(reason));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 #[derive(Debug)]
@@ -141,14 +225,6 @@ struct Pending {
     kind: OutKind,
 }
 
-struct Session {
-    id: String,
-    /// Next result's sequence number.
-    seq: u64,
-    chunks: u64,
-    bytes: u64,
-}
-
 struct Conn<'a> {
     ws: WebSocketStream<TcpStream>,
     shared: &'a Shared,
@@ -159,15 +235,20 @@ struct Conn<'a> {
     last_due: Instant,
     /// Data messages received on this connection.
     data_in: u64,
-    session: Option<Session>,
-    /// Sequence numbers of partials for audio received outside any session (stt mode).
-    unsessioned_seq: u64,
+    /// The open session (its `id` is always `Some`).
+    session: Option<Stream>,
+    /// Audio received outside any session (stt mode), e.g. through a plain proxy.
+    loose: Option<Stream>,
+    /// When the open session reaches its time limit.
+    limit_at: Option<Instant>,
 }
 
 impl Conn<'_> {
     async fn run(&mut self, cancel: &CancellationToken, kill: &CancellationToken) -> Exit {
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
+        let limit_timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(limit_timer);
         loop {
             if self.out.front().is_some_and(|p| p.due <= Instant::now()) {
                 tokio::select! {
@@ -187,12 +268,22 @@ impl Conn<'_> {
             {
                 timer.as_mut().reset(due);
             }
+            let limit_at = self.limit_at;
+            if let Some(at) = limit_at
+                && limit_timer.deadline() != at
+            {
+                limit_timer.as_mut().reset(at);
+            }
             let can_read = self.out.len() < MAX_PENDING;
             let flow = tokio::select! {
                 biased;
                 () = kill.cancelled() => return Exit::Killed,
                 () = cancel.cancelled() => return self.close_gracefully().await,
                 () = &mut timer, if next_due.is_some() => Flow::Continue,
+                () = &mut limit_timer, if limit_at.is_some() => {
+                    self.on_time_limit();
+                    Flow::Continue
+                }
                 msg = self.ws.next(), if can_read => match msg {
                     None => return Exit::PeerClosed,
                     Some(Err(e)) => return Exit::Error(e),
@@ -277,6 +368,17 @@ impl Conn<'_> {
     }
 
     fn on_message(&mut self, msg: Message) -> Flow {
+        let flow = self.handle(msg);
+        // `stall_all_for`: the whole server is frozen for a while.
+        let stall = self.shared.stall_left();
+        match flow {
+            Flow::Continue if !stall.is_zero() => Flow::Pause(stall),
+            Flow::Pause(delay) => Flow::Pause(delay.max(stall)),
+            other => other,
+        }
+    }
+
+    fn handle(&mut self, msg: Message) -> Flow {
         match msg {
             Message::Text(text) => {
                 if let Some(control) = protocol::parse_control(text.as_str()) {
@@ -305,29 +407,27 @@ impl Conn<'_> {
         bump(&self.shared.counters.messages_in);
         self.data_in += 1;
         let now = Instant::now();
+        let faults = &self.shared.config.faults;
         match self.shared.config.mode {
-            Mode::Echo => self.push(now, msg, OutKind::Data),
-            Mode::Stt => {
-                if let Message::Binary(chunk) = &msg {
-                    let len = chunk.len();
-                    let text = match &mut self.session {
-                        Some(session) => {
-                            let seq = session.seq;
-                            session.seq += 1;
-                            session.chunks += 1;
-                            session.bytes += len as u64;
-                            protocol::partial(Some(&session.id), seq, len)
-                        }
-                        None => {
-                            let seq = self.unsessioned_seq;
-                            self.unsessioned_seq += 1;
-                            protocol::partial(None, seq, len)
-                        }
-                    };
-                    let due = now + self.inference_delay();
-                    self.push(due, Message::text(text), OutKind::Data);
+            Mode::Echo => {
+                if faults
+                    .drop_every
+                    .is_some_and(|n| self.data_in.is_multiple_of(n))
+                {
+                    bump(&self.shared.counters.dropped_messages);
+                } else if faults.swap {
+                    if let Some(previous) = self.shared.swap(msg) {
+                        self.push(now, previous, OutKind::Data);
+                    }
+                } else {
+                    self.push(now, msg, OutKind::Data);
                 }
+            }
+            Mode::Stt => {
                 // Text data in stt mode is ignored.
+                if let Message::Binary(chunk) = &msg {
+                    self.on_audio(chunk.len(), now);
+                }
             }
         }
         let faults = &self.shared.config.faults;
@@ -340,6 +440,39 @@ impl Conn<'_> {
         }
     }
 
+    /// stt mode: `len` bytes of audio for the open session (or for none).
+    fn on_audio(&mut self, len: usize, now: Instant) {
+        let stt = &self.shared.config.stt;
+        let stream = match &mut self.session {
+            Some(session) => session,
+            None => self
+                .loose
+                .get_or_insert_with(|| Stream::new(None, stt, &mut self.rng)),
+        };
+        let steps = stream.audio(len, stt, &mut self.rng);
+        let id = stream.id.clone();
+        for step in steps {
+            self.infer(id.as_deref(), &step, &protocol::text(&step), now);
+        }
+    }
+
+    /// Runs one inference for `step` on the shared slots and queues its result (or, with
+    /// `error_probability`, an `error` event in its place) for when it is done.
+    fn infer(&mut self, session: Option<&str>, step: &Step, text: &str, now: Instant) {
+        let service = self.inference_delay();
+        let reservation = self.shared.slots.reserve(now, service);
+        let queue_ms = u64::try_from(reservation.queued.as_millis()).unwrap_or(u64::MAX);
+        let p = self.shared.config.stt.error_probability;
+        let failed = p > 0.0 && self.rng.random_bool(p);
+        let text = if failed {
+            bump(&self.shared.counters.inference_errors);
+            protocol::inference_failed(session, step, queue_ms)
+        } else {
+            protocol::result(session, step, queue_ms, text)
+        };
+        self.push(reservation.done, Message::text(text), OutKind::Data);
+    }
+
     fn inference_delay(&mut self) -> Duration {
         let config = &self.shared.config;
         let jitter_us = u64::try_from(config.jitter.as_micros()).unwrap_or(u64::MAX);
@@ -349,6 +482,32 @@ impl Conn<'_> {
             Duration::from_micros(self.rng.random_range(0..=jitter_us))
         };
         config.delay.saturating_add(jitter)
+    }
+
+    /// The open session reached `session_time_limit`: finalize what was heard, tell the
+    /// client, ignore the session's later audio. No `session.ended`: only the proxy's
+    /// `session.end` ends a session.
+    fn on_time_limit(&mut self) {
+        self.limit_at = None;
+        let now = Instant::now();
+        let stt = &self.shared.config.stt;
+        let Some(session) = &mut self.session else {
+            return;
+        };
+        let open = session.has_open_utterance(stt);
+        let last = session.finish(stt);
+        session.stopped = true;
+        let audio_ms = session.audio_ms(stt);
+        let id = session.id.clone().unwrap_or_default();
+        bump(&self.shared.counters.time_limits);
+        if open {
+            self.infer(Some(&id), &last, &protocol::text(&last), now);
+        }
+        let limit_ms = stt
+            .session_time_limit
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let notice = protocol::time_limit(&id, audio_ms, limit_ms);
+        self.push(now, Message::text(notice), OutKind::Data);
     }
 
     fn on_control(&mut self, control: Control) {
@@ -364,39 +523,48 @@ impl Conn<'_> {
                 }
                 bump(&self.shared.counters.sessions_started);
                 let reply = protocol::started(&session);
-                self.session = Some(Session {
-                    id: session,
-                    seq: 0,
-                    chunks: 0,
-                    bytes: 0,
-                });
+                let stt = &self.shared.config.stt;
+                self.session = Some(Stream::new(Some(session), stt, &mut self.rng));
+                self.limit_at = match self.shared.config.mode {
+                    Mode::Stt => stt.session_time_limit.map(|d| now + d),
+                    Mode::Echo => None,
+                };
                 self.push(now, Message::text(reply), OutKind::Control);
             }
             Control::End { session, fence } => {
                 let open = self.session.take();
-                let id = match (session, &open) {
-                    (Some(id), Some(open)) if id != open.id => {
+                self.limit_at = None;
+                let open_id = open.as_ref().and_then(|open| open.id.clone());
+                let id = match (session, open_id) {
+                    (Some(id), Some(open_id)) if id != open_id => {
                         warn!(
-                            "session.end for {id:?} while {:?} is open: the proxy mixed up \
-                             sessions",
-                            open.id
+                            "session.end for {id:?} while {open_id:?} is open: the proxy mixed \
+                             up sessions",
                         );
                         id
                     }
                     (Some(id), _) => id,
-                    (None, Some(open)) => open.id.clone(),
+                    (None, Some(open_id)) => open_id,
                     (None, None) => String::new(),
                 };
                 if self.shared.config.mode == Mode::Stt {
-                    let (seq, chunks, bytes) = open
-                        .as_ref()
-                        .filter(|open| open.id == id)
-                        .map_or((0, 0, 0), |open| (open.seq, open.chunks, open.bytes));
-                    let text = protocol::final_result(&id, seq, chunks, bytes);
-                    self.push(now, Message::text(text), OutKind::Data);
+                    let stt = &self.shared.config.stt;
+                    // The session's stream, or (no session.start: a plain proxy or a
+                    // `reuse = "none"` connection) the audio received outside any.
+                    let stream = open
+                        .filter(|open| open.id.as_deref() == Some(id.as_str()))
+                        .or_else(|| self.loose.take());
+                    let mut stream =
+                        stream.unwrap_or_else(|| Stream::new(None, stt, &mut self.rng));
+                    // A session stopped at its time limit has had its final already.
+                    if !stream.stopped {
+                        let last = stream.finish(stt);
+                        let text = protocol::closing_text(stream.chunks, stream.bytes());
+                        self.infer(Some(&id), &last, &text, now);
+                    }
                 }
-                // The fence token goes back as it came: only this reply completes the
-                // proxy's fence.
+                // The fence token goes back as it came, after every result of the
+                // session: only this reply completes the proxy's fence.
                 let ended = protocol::ended(&id, fence.as_ref());
                 self.push(now, Message::text(ended), OutKind::Ended);
             }

@@ -1,4 +1,4 @@
-//! The fencing protocol's control messages (docs/protocol.md) and the stt results.
+//! The fencing protocol's control messages (docs/protocol.md) and the stt mode's results.
 //!
 //! The proxy's `session.end` carries a fence token (`"fence"`) that only the proxy and the
 //! backend know; `session.ended` echoes it back unchanged, and only that reply completes the
@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::stt::{Kind, Step};
 
 /// The proxy's control messages start with these bytes (the fast path).
 const CONTROL_PREFIX: &[u8] = br#"{"type":"session."#;
@@ -67,10 +69,6 @@ struct Reply<'a> {
     session: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     fence: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seq: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    text: Option<&'a str>,
 }
 
 fn render(reply: &Reply<'_>) -> String {
@@ -85,8 +83,6 @@ pub(crate) fn started(session: &str) -> String {
         kind: "session.started",
         session: Some(session),
         fence: None,
-        seq: None,
-        text: None,
     })
 }
 
@@ -97,32 +93,120 @@ pub(crate) fn ended(session: &str, fence: Option<&Value>) -> String {
         kind: "session.ended",
         session: Some(session),
         fence,
-        seq: None,
-        text: None,
     })
 }
 
-/// `{"type":"partial","session":ID,"seq":N,"text":...}`; `session` is null outside a session.
-pub(crate) fn partial(session: Option<&str>, seq: u64, chunk_len: usize) -> String {
-    let text = format!("partial {seq}: {chunk_len} bytes");
-    render(&Reply {
-        kind: "partial",
+/// A result or error event of the stt mode (docs/protocol.md, "The echo-backend's stt
+/// mode"). Keys absent from an event are left out.
+#[derive(Serialize)]
+struct Event<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    session: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    utterance: Option<u64>,
+    audio_start_ms: u64,
+    audio_end_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+}
+
+fn render_event(event: &Event<'_>) -> String {
+    // As in `render`: cannot fail for these field types.
+    serde_json::to_string(event).unwrap_or_else(|_| String::from("{}"))
+}
+
+/// The text of a result: `partial N: D ms` (D: audio in the partial), `utterance U: A-B ms`
+/// for a final at a pause.
+pub(crate) fn text(step: &Step) -> String {
+    match step.kind {
+        Kind::Partial => format!(
+            "partial {}: {} ms",
+            step.seq,
+            step.audio_end_ms - step.audio_start_ms
+        ),
+        Kind::Final => format!(
+            "utterance {}: {}-{} ms",
+            step.utterance, step.audio_start_ms, step.audio_end_ms
+        ),
+    }
+}
+
+/// The text of the final sent on `session.end`: `final: C chunks, B bytes` (the session's
+/// audio messages and bytes).
+pub(crate) fn closing_text(chunks: u64, bytes: u64) -> String {
+    format!("final: {chunks} chunks, {bytes} bytes")
+}
+
+/// `{"type":"partial"|"final","session":ID,"seq":N,"utterance":U,"audio_start_ms":A,
+/// "audio_end_ms":B,"queue_ms":Q,"text":...}`; `session` is null outside a session.
+pub(crate) fn result(session: Option<&str>, step: &Step, queue_ms: u64, text: &str) -> String {
+    let kind = match step.kind {
+        Kind::Partial => "partial",
+        Kind::Final => "final",
+    };
+    render_event(&Event {
+        kind,
         session,
-        fence: None,
-        seq: Some(seq),
-        text: Some(&text),
+        code: None,
+        seq: Some(step.seq),
+        utterance: Some(step.utterance),
+        audio_start_ms: step.audio_start_ms,
+        audio_end_ms: step.audio_end_ms,
+        queue_ms: Some(queue_ms),
+        text: Some(text),
+        message: None,
     })
 }
 
-/// `{"type":"final","session":ID,"seq":N,"text":...}`
-pub(crate) fn final_result(session: &str, seq: u64, chunks: u64, bytes: u64) -> String {
-    let text = format!("final: {chunks} chunks, {bytes} bytes");
-    render(&Reply {
-        kind: "final",
+/// `{"type":"error","session":ID,"code":"inference_failed","seq":N,"utterance":U,
+/// "audio_start_ms":A,"audio_end_ms":B,"queue_ms":Q,"message":...}`: in place of the result
+/// `step` would have been.
+pub(crate) fn inference_failed(session: Option<&str>, step: &Step, queue_ms: u64) -> String {
+    let what = match step.kind {
+        Kind::Partial => "partial",
+        Kind::Final => "final",
+    };
+    let message = format!("simulated inference failure: {what} lost");
+    render_event(&Event {
+        kind: "error",
+        session,
+        code: Some("inference_failed"),
+        seq: Some(step.seq),
+        utterance: Some(step.utterance),
+        audio_start_ms: step.audio_start_ms,
+        audio_end_ms: step.audio_end_ms,
+        queue_ms: Some(queue_ms),
+        text: None,
+        message: Some(&message),
+    })
+}
+
+/// `{"type":"error","session":ID,"code":"session_time_limit","audio_start_ms":B,
+/// "audio_end_ms":B,"message":...}`: the session reached its time limit at audio offset B.
+pub(crate) fn time_limit(session: &str, audio_ms: u64, limit_ms: u64) -> String {
+    let message = format!(
+        "session time limit of {limit_ms} ms reached: later audio is ignored; send session.end"
+    );
+    render_event(&Event {
+        kind: "error",
         session: Some(session),
-        fence: None,
-        seq: Some(seq),
-        text: Some(&text),
+        code: Some("session_time_limit"),
+        seq: None,
+        utterance: None,
+        audio_start_ms: audio_ms,
+        audio_end_ms: audio_ms,
+        queue_ms: None,
+        text: None,
+        message: Some(&message),
     })
 }
 
@@ -196,12 +280,44 @@ mod tests {
 
     #[test]
     fn replies_are_json() {
-        let v: serde_json::Value = serde_json::from_str(&partial(Some("s\"x"), 3, 10)).unwrap();
+        let step = Step {
+            kind: Kind::Partial,
+            seq: 3,
+            utterance: 1,
+            audio_start_ms: 500,
+            audio_end_ms: 620,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&result(Some("s\"x"), &step, 7, &text(&step))).unwrap();
         assert_eq!(v["type"], "partial");
         assert_eq!(v["session"], "s\"x");
         assert_eq!(v["seq"], 3);
-        let v: serde_json::Value = serde_json::from_str(&partial(None, 0, 1)).unwrap();
+        assert_eq!(v["utterance"], 1);
+        assert_eq!(v["audio_start_ms"], 500);
+        assert_eq!(v["audio_end_ms"], 620);
+        assert_eq!(v["queue_ms"], 7);
+        assert!(v["text"].is_string());
+        let v: serde_json::Value = serde_json::from_str(&result(None, &step, 0, "t")).unwrap();
         assert!(v["session"].is_null());
+        let fin = Step {
+            kind: Kind::Final,
+            ..step
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&result(Some("x"), &fin, 0, &closing_text(2, 20))).unwrap();
+        assert_eq!(v["type"], "final");
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["text"], "final: 2 chunks, 20 bytes");
+        let v: serde_json::Value =
+            serde_json::from_str(&inference_failed(Some("x"), &fin, 2)).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["code"], "inference_failed");
+        assert_eq!(v["audio_end_ms"], 620);
+        assert!(v["message"].is_string());
+        let v: serde_json::Value = serde_json::from_str(&time_limit("x", 900, 1000)).unwrap();
+        assert_eq!(v["code"], "session_time_limit");
+        assert_eq!(v["audio_end_ms"], 900);
+        assert!(v.get("fence").is_none());
         assert_eq!(started("x"), r#"{"type":"session.started","session":"x"}"#);
         assert_eq!(
             ended("x", None),
@@ -216,8 +332,5 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&ended("x", Some(&Value::from(7)))).unwrap();
         assert_eq!(v["fence"], 7);
-        let v: serde_json::Value = serde_json::from_str(&final_result("x", 2, 2, 20)).unwrap();
-        assert_eq!(v["type"], "final");
-        assert_eq!(v["seq"], 2);
     }
 }

@@ -1,68 +1,18 @@
 //! The backend over real sockets on 127.0.0.1, every test bounded in time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
+mod common;
+
 use std::time::Duration;
 
-use echo_backend::{Config, EchoBackend, Faults, Mode};
+use common::{bounded, connect, expect_abrupt_end, recv, recv_json, send_json, start};
+use echo_backend::{Config, Faults, Mode};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const LIMIT: Duration = Duration::from_secs(5);
-
-async fn bounded<F: Future>(f: F) -> F::Output {
-    timeout(LIMIT, f).await.expect("test timed out")
-}
-
-async fn start(config: Config) -> EchoBackend {
-    echo_backend::spawn("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap()
-}
-
-async fn connect(backend: &EchoBackend) -> Ws {
-    tokio_tungstenite::connect_async(backend.url())
-        .await
-        .unwrap()
-        .0
-}
-
-async fn recv(ws: &mut Ws) -> Message {
-    ws.next()
-        .await
-        .expect("connection ended")
-        .expect("ws error")
-}
-
-async fn recv_json(ws: &mut Ws) -> Value {
-    match recv(ws).await {
-        Message::Text(text) => serde_json::from_str(text.as_str()).unwrap(),
-        other => panic!("expected a JSON text message, got {other:?}"),
-    }
-}
-
-async fn send_json(ws: &mut Ws, value: Value) {
-    ws.send(Message::text(value.to_string())).await.unwrap();
-}
-
-/// The connection must end without a close frame (dropped TCP connection).
-async fn expect_abrupt_end(ws: &mut Ws) {
-    loop {
-        match ws.next().await {
-            None | Some(Err(_)) => return,
-            Some(Ok(Message::Close(frame))) => panic!("expected no close frame, got {frame:?}"),
-            Some(Ok(Message::Pong(_))) => {}
-            Some(Ok(other)) => panic!("expected the connection to end, got {other:?}"),
-        }
-    }
-}
 
 fn echo_config() -> Config {
     Config::default()

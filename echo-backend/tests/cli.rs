@@ -155,6 +155,100 @@ async fn exit_after_secs_in_stt_mode() {
     assert!(stderr.contains("sessions_started=1 "), "{stderr}");
 }
 
+/// The GPU-like stt flags (the set `cargo repro` passes, reports/src/repro.rs
+/// `STT_BACKEND_ARGS`, plus a seed) are accepted and shape the results.
+#[tokio::test]
+async fn gpu_like_stt_flags() {
+    let running = start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        "stt",
+        "--slots",
+        "1024",
+        "--partial-every-ms",
+        "20",
+        "--utterance-ms",
+        "2000",
+        "8000",
+        "--session-time-limit-ms",
+        "600000",
+        "--max-connections",
+        "4096",
+        "--max-queue-ms",
+        "2000",
+        "--seed",
+        "1",
+        "--dial-delay-ms",
+        "1",
+        "--error-probability",
+        "0",
+        "--bytes-per-ms",
+        "32",
+    ]);
+    timeout(LIMIT, async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}", running.addr))
+            .await
+            .unwrap();
+        ws.send(Message::text(
+            r#"{"type":"session.start","session":"g","params":{}}"#,
+        ))
+        .await
+        .unwrap();
+        ws.next().await.unwrap().unwrap();
+        for _ in 0..3 {
+            ws.send(Message::binary(vec![0u8; 640])).await.unwrap();
+        }
+        ws.send(Message::text(
+            r#"{"type":"session.end","session":"g","fence":"x"}"#,
+        ))
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let text = ws.next().await.unwrap().unwrap().into_text().unwrap();
+            got.push(serde_json::from_str::<serde_json::Value>(&text).unwrap());
+        }
+        for (seq, p) in got[..3].iter().enumerate() {
+            assert_eq!(p["type"], "partial", "{p}");
+            assert_eq!(p["seq"], seq);
+            assert_eq!(p["audio_end_ms"], 20 * (seq + 1));
+            assert_eq!(p["queue_ms"], 0);
+        }
+        assert_eq!(got[3]["type"], "final");
+        assert_eq!(got[4]["type"], "session.ended");
+        assert_eq!(got[4]["fence"], "x");
+    })
+    .await
+    .unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &running.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (status, stderr) = wait(running);
+    assert!(status.success(), "{status:?}, stderr: {stderr}");
+}
+
+#[test]
+fn out_of_range_stt_settings_fail() {
+    for args in [
+        &["--error-probability", "1.5"][..],
+        &["--utterance-ms", "900", "100"],
+        &["--utterance-ms", "900"],
+        &["--slots", "0"],
+    ] {
+        let status = Command::new(env!("CARGO_BIN_EXE_echo-backend"))
+            .args(["--listen", "127.0.0.1:0", "--mode", "stt"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success(), "{args:?}");
+    }
+}
+
 #[test]
 fn bad_arguments_fail() {
     let status = Command::new(env!("CARGO_BIN_EXE_echo-backend"))

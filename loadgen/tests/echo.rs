@@ -1,4 +1,5 @@
-//! The load generator against tiny in-test WebSocket servers on 127.0.0.1.
+//! The load generator against echo-backend on 127.0.0.1, with test faults where the load
+//! generator must notice something.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -47,7 +48,7 @@ async fn plain_echo_returns_every_message() {
     assert_eq!(report.throughput.offered_per_s, 1000.0);
     assert_eq!(report.latency_ms.count, m.received);
     assert!(report.latency_ms.p50 > 0.0 && report.latency_ms.p50 < 100.0);
-    // The session.started JSON the server sends first is not data.
+    // The session.ended JSON the backend answers session.end with is not data.
     assert_eq!(m.received, m.sent);
     let timeline_received: u64 = report.timeline.iter().map(|t| t.received).sum();
     let timeline_sent: u64 = report.timeline.iter().map(|t| t.sent).sum();
@@ -60,12 +61,12 @@ async fn plain_echo_returns_every_message() {
 /// percentiles because latency is measured from the intended send time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_stall_shows_in_latency() {
-    let server = common::start(Behaviour::StallOnce {
-        at: Duration::from_millis(1000),
-        len: Duration::from_millis(500),
-    })
-    .await;
-    let report = common::run(common::config(&server.url, 20, 2)).await;
+    let server = common::start(Behaviour::Stall).await;
+    // One second into the run, the whole backend freezes for 500 ms.
+    let (report, ()) = tokio::join!(common::run(common::config(&server.url, 20, 2)), async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        server.backend.stall_all_for(Duration::from_millis(500));
+    });
     println!("{report}");
     assert_eq!(report.messages.lost, 0);
     assert!(
@@ -88,7 +89,7 @@ async fn dropped_messages_are_lost() {
     let server = common::start(Behaviour::DropEvery(10)).await;
     let report = common::run(common::config(&server.url, 20, 2)).await;
     println!("{report}");
-    let dropped = server.dropped.load(std::sync::atomic::Ordering::Relaxed);
+    let dropped = server.dropped();
     assert!(dropped >= 180, "the server dropped {dropped}");
     assert_eq!(report.messages.lost, dropped);
     assert_eq!(report.messages.received + dropped, report.messages.sent);
@@ -131,9 +132,9 @@ async fn connect_failures_are_counted_by_kind() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed = format!("ws://{}/", listener.local_addr().unwrap());
     drop(listener);
-    let refusing = common::start_refusing(503).await;
+    let refusing = common::start(Behaviour::Refuse503).await;
     let mut config = common::config(&closed, 4, 1);
-    config.urls.push(refusing);
+    config.urls.push(refusing.url.clone());
     let report = common::run(config).await;
     println!("{report}");
     assert_eq!(report.sessions.connected, 0);
@@ -144,6 +145,7 @@ async fn connect_failures_are_counted_by_kind() {
     assert_eq!(report.messages.scheduled, 200);
     assert_eq!(report.messages.unsent, 200);
     assert_eq!(report.messages.sent, 0);
+    assert_eq!(refusing.backend.stats().rejected_503, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -279,6 +279,68 @@ async fn stt_session_gets_partials_final_and_ended_before_close_1000() {
     .await;
 }
 
+/// A GPU-like stt backend (shared slots, partials every 100 ms of audio, finals at pauses, a
+/// session time limit) through the proxy: its results reach the client with their offsets,
+/// the time-limit notice is an ordinary message, and the session still ends only through
+/// the fence — `session.ended`, close 1000, the connection back in the pool for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_like_stt_backend_time_limit_keeps_the_fence() {
+    bounded(TEST_LIMIT, async {
+        let mut config = stt(5, 0);
+        config.seed = Some(3);
+        config.stt = echo_backend::Stt {
+            slots: Some(2),
+            partial_every: Some(Duration::from_millis(100)),
+            utterance: Some((Duration::from_millis(200), Duration::from_millis(400))),
+            session_time_limit: Some(Duration::from_millis(800)),
+            ..echo_backend::Stt::default()
+        };
+        let h = Harness::start(1, config, |s| sizes(s, 1, 1)).await;
+        h.wait_warm().await;
+        let mut ws = connect(&h.ws_url()).await;
+        let id = expect_started(&mut ws).await;
+        // 1 s of audio in 20 ms chunks, sent at once.
+        for _ in 0..50 {
+            ws.send(Message::binary(vec![0u8; 640])).await.unwrap();
+        }
+        let mut got = Vec::new();
+        loop {
+            let v = recv_json(&mut ws).await;
+            assert_eq!(v["session"], id.as_str(), "{v}");
+            let done = v["code"] == "session_time_limit";
+            got.push(v);
+            if done {
+                break;
+            }
+        }
+        let partials = got.iter().filter(|v| v["type"] == "partial").count();
+        assert_eq!(partials, 10, "{got:?}");
+        let finals: Vec<&Value> = got.iter().filter(|v| v["type"] == "final").collect();
+        assert!(finals.len() >= 3, "{got:?}");
+        assert_eq!(finals.last().unwrap()["audio_end_ms"], 1000);
+        assert!(
+            got.iter()
+                .all(|v| v["queue_ms"].is_u64() || v["type"] == "error")
+        );
+        // The backend did not end the session on its own: the fence still does.
+        let results = end_session(&mut ws, &id).await;
+        assert!(results.is_empty(), "{results:?}");
+        // The connection went back to the pool and carries the next session.
+        let mut ws = connect(&h.ws_url()).await;
+        let id = expect_started(&mut ws).await;
+        ws.send(Message::binary(vec![0u8; 3200])).await.unwrap();
+        let results = end_session(&mut ws, &id).await;
+        let kinds: Vec<&Value> = results.iter().map(|v| &v["type"]).collect();
+        assert_eq!(kinds, ["partial", "final"], "{results:?}");
+        let m = h.metrics().await;
+        assert_eq!(m.get(r#"sttproxy_fencing_total{outcome="clean"}"#), 2.0);
+        assert_eq!(h.backends[0].stats().dials, 1);
+        assert_eq!(h.backends[0].stats().time_limits, 1);
+        h.stop().await;
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------- (c) reuse and fencing
 
 /// 200 sequential sessions over pools of exactly 2 connections per backend:

@@ -118,7 +118,7 @@ pub const SCENARIOS: [Scenario; 7] = [
         size: 640,
         duration_s: 30,
         mode: "stt",
-        about: "1,000 sessions streaming 20 ms PCM chunks (50/s) to stt backends that answer partials",
+        about: "1,000 sessions streaming 20 ms PCM chunks (50/s) to GPU-like stt backends (shared inference slots, partials, finals at pauses)",
         churn: None,
     },
     Scenario {
@@ -249,13 +249,52 @@ fn build(root: &Path, out: &Path, no_build: bool) -> anyhow::Result<VenvPrep> {
     Ok(venv.map_err(|e| format!("starting baseline/python/run.sh: {e:#}")))
 }
 
+/// echo-backend's settings in the `stt` mode, a GPU-like inference server
+/// (docs/protocol.md, "The echo-backend's stt mode"): 1,024 inference slots
+/// shared by the process with a FIFO queue (1,000 sessions × 50 chunks/s over
+/// 3 backends ≈ 17,000 inferences/s each × 35 ms ≈ 600 busy slots), a partial
+/// per 20 ms of audio (one per loadgen chunk, so loadgen's per-chunk
+/// accounting holds), finals at pauses every 2–8 s of audio, a 10-minute
+/// session limit (not reached), 503 above 4,096 connections and 429 above a
+/// 2 s queue (both only when saturated), no errors and no dial delay (plain
+/// proxies dial per session and would pay it per session, which is not what
+/// the scenario compares). Backend `i` is seeded with `i`.
+pub const STT_BACKEND_ARGS: &[&str] = &[
+    "--slots",
+    "1024",
+    "--partial-every-ms",
+    "20",
+    "--utterance-ms",
+    "2000",
+    "8000",
+    "--session-time-limit-ms",
+    "600000",
+    "--max-connections",
+    "4096",
+    "--max-queue-ms",
+    "2000",
+];
+
+/// The arguments of backend `i` for a scenario `mode` ("echo" or "stt").
+fn backend_args(mode: &str, i: usize) -> Vec<String> {
+    let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--mode", mode]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+    if mode == "stt" {
+        args.extend(STT_BACKEND_ARGS.iter().map(|a| (*a).to_owned()));
+        args.extend(["--seed".to_owned(), i.to_string()]);
+    }
+    args
+}
+
 /// Start the 3 echo backends; returns them and their URLs.
 fn start_backends(bin: &Path, out: &Path, mode: &str) -> anyhow::Result<(Vec<Proc>, Vec<String>)> {
     let mut backends = Vec::new();
     let mut urls = Vec::new();
     for i in 0..3 {
         let mut cmd = Command::new(bin.join("echo-backend"));
-        cmd.args(["--listen", "127.0.0.1:0", "--mode", mode]);
+        cmd.args(backend_args(mode, i));
         let mut b = Proc::spawn(&format!("echo-backend-{i}"), cmd, out)?;
         urls.push(b.ready_line("echo-backend listening on ", Duration::from_secs(10))?);
         backends.push(b);
@@ -396,6 +435,12 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
     }
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let bin = target_dir(&root).join("release");
+    if s.mode == "stt" {
+        notes.notes.push(format!(
+            "the backends are echo-backend in stt mode with {} (and --seed 0, 1, 2)",
+            STT_BACKEND_ARGS.join(" ")
+        ));
+    }
     let (backends, urls) = start_backends(&bin, &out, s.mode)?;
     let env = Env {
         bin,

@@ -9,6 +9,17 @@
 //! write, or onto the idle connection later); and the whole backend crashing
 //! (every connection dropped, dials refused) and coming back.
 //!
+//! Why this is not `echo-backend` (the workspace's one backend emulator for real sockets):
+//! the simulator runs every task on a virtual clock over in-memory links
+//! (`transport::SimStream`) and dials through the proxy's `Dialer` trait, while
+//! echo-backend serves real TCP on the tokio clock and owns its accept loop, connection
+//! tasks and timers; its sim-only faults (hanging or failing dials, late finals, frames
+//! after `session.ended`, a backend-wide crash that refuses dials) are driven by the
+//! sim's checker and seeded RNG, which echo-backend has no hook for. Sharing the
+//! protocol parsing alone would save a few lines of JSON matching, at the price of a
+//! dependency of the simulator on echo-backend's internals, so the two stay separate;
+//! docs/protocol.md is the contract both follow.
+//!
 //! In echo mode a backend may reflect the JSON a client sends back to it as
 //! text (`BackendSpec::reflect_json`): whatever a client says, shaped like a
 //! control message, comes back from the backend's side.
