@@ -108,32 +108,45 @@ impl RunIndex {
         serde_json::from_value(value).with_context(|| format!("parsing {}", path.display()))
     }
 
-    /// Every system's rounds, their loadgen results read from `dir`.
-    pub fn systems(&self, dir: &Path) -> anyhow::Result<Vec<SystemRounds>> {
-        self.systems
+    /// Every system's rounds, their loadgen results read from `dir`; and one
+    /// line for each round whose result is missing or unreadable. Such a round
+    /// is left out (the report says so) rather than failing the whole report:
+    /// the other systems' figures are still worth reading.
+    pub fn systems(&self, dir: &Path) -> (Vec<SystemRounds>, Vec<String>) {
+        let mut missing = Vec::new();
+        let systems = self
+            .systems
             .iter()
             .map(|s| {
                 let runs = s
                     .runs
                     .iter()
-                    .map(|r| {
-                        Ok(SystemRun {
+                    .filter_map(|r| match load_result(&dir.join(&r.json)) {
+                        Ok(result) => Some(SystemRun {
                             name: s.name.clone(),
                             round: r.round,
                             position: r.position,
-                            result: load_result(&dir.join(&r.json))?,
+                            result,
                             idle_rss_mb: r.idle_rss_mb,
                             memory: s.memory,
                             pool: r.pool,
-                        })
+                        }),
+                        Err(e) => {
+                            missing.push(format!(
+                                "result of {} round {}: {e:#}; the round is left out",
+                                s.name, r.round
+                            ));
+                            None
+                        }
                     })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                Ok(SystemRounds {
+                    .collect();
+                SystemRounds {
                     name: s.name.clone(),
                     runs,
-                })
+                }
             })
-            .collect()
+            .collect();
+        (systems, missing)
     }
 }
 
@@ -177,6 +190,7 @@ mod tests {
                 ],
                 skipped: vec![],
                 notes: vec!["a note".into()],
+                missing: vec![],
             },
             systems: vec![SystemEntry {
                 name: "sttproxy".into(),
