@@ -423,18 +423,3 @@ pub fn rerender(dir: &Path) -> anyhow::Result<()> {
     report::write(dir, &systems, &notes)?;
     Ok(())
 }
-
-/// A new empty directory under the system's temporary directory, for tests
-/// that write files.
-#[cfg(test)]
-pub(crate) fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "reports-{name}-{}-{:?}",
-        std::process::id(),
-        std::time::SystemTime::now()
-    ));
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        panic!("creating {}: {e}", dir.display());
-    }
-    dir
-}

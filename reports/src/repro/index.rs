@@ -153,7 +153,6 @@ impl RunIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repro::scratch_dir;
 
     #[test]
     fn round_files_are_named_by_system_and_round() {
@@ -162,22 +161,23 @@ mod tests {
 
     #[test]
     fn a_version_1_runs_json_is_refused_with_what_to_do() {
-        let dir = scratch_dir("v1");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let v1 = r#"{"scenario":"quick","command":"cargo repro","systems":[{"name":"sttproxy","json":"sttproxy.json","idle_rss_mb":1.0}],"skipped":[],"notes":[]}"#;
         if let Err(e) = std::fs::write(dir.join("runs.json"), v1) {
             panic!("writing runs.json: {e}");
         }
-        let err = match RunIndex::load(&dir) {
+        let err = match RunIndex::load(dir) {
             Ok(_) => panic!("a version-1 file must be refused"),
             Err(e) => format!("{e:#}"),
         };
         assert!(err.contains("run `cargo repro` again"), "{err}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn an_index_survives_save_and_load() {
-        let dir = scratch_dir("roundtrip");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let index = RunIndex {
             schema: SCHEMA,
             notes: RunNotes {
@@ -207,10 +207,10 @@ mod tests {
                 }],
             }],
         };
-        if let Err(e) = index.save(&dir) {
+        if let Err(e) = index.save(dir) {
             panic!("saving: {e:#}");
         }
-        let back = match RunIndex::load(&dir) {
+        let back = match RunIndex::load(dir) {
             Ok(b) => b,
             Err(e) => panic!("loading: {e:#}"),
         };
@@ -219,6 +219,5 @@ mod tests {
         assert_eq!(back.notes.notes, ["a note"]);
         assert_eq!(back.systems[0].memory, index.systems[0].memory);
         assert_eq!(back.systems[0].runs[0].json, "sttproxy-r2.json");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
