@@ -208,14 +208,8 @@ async fn stop_ends_the_run_early_with_partial_results() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_has_every_schema_key_and_hist_log_parses() {
     let server = common::start(Behaviour::Echo).await;
-    let hist_path = std::env::temp_dir().join(format!(
-        "loadgen-test-{}-{}.hlog",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
+    let dir = tempfile::tempdir().unwrap();
+    let hist_path = dir.path().join("loadgen.hlog");
     let mut config = common::config(&server.url, 5, 2);
     config.watch_pids = vec![std::process::id()];
     config.hist_log = Some(hist_path.clone());
@@ -282,7 +276,6 @@ async fn json_has_every_schema_key_and_hist_log_parses() {
     }
 
     let log = std::fs::read(&hist_path).unwrap();
-    let _ = std::fs::remove_file(&hist_path);
     let mut intervals = 0;
     let mut count = 0;
     let mut deserializer = hdrhistogram::serialization::Deserializer::new();

@@ -9,18 +9,11 @@ mod support;
 
 use std::time::Duration;
 
-use echo_backend::{Config, Mode};
 use tokio::time::Instant;
 
+use support::echo;
 use support::raw::{RawMsg, RawWs};
 use support::{Harness, TEST_LIMIT, bounded, eventually, metrics, within};
-
-fn echo() -> Config {
-    Config {
-        mode: Mode::Echo,
-        ..Config::default()
-    }
-}
 
 async fn started(ws: &mut RawWs) {
     match ws.next_data().await.unwrap() {

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod db_support;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -13,8 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use db_support::*;
 use serde_json::Value;
+use support::db::*;
+use support::{bounded, eventually, temp_dir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sttproxy");
 
@@ -218,8 +219,8 @@ fn exercise(db: &str) {
 /// instead of one failing with "database is locked" when it upgrades.
 #[test]
 fn concurrent_edits_of_one_sqlite_table_all_succeed() {
-    let dir = TempDir::new("concurrent");
-    let db = dir.sqlite_url("concurrent.db");
+    let dir = temp_dir("concurrent");
+    let db = sqlite_url(dir.path(), "concurrent.db");
     for id in ["a", "b"] {
         ok(&db, &["add", "--url", "ws://127.0.0.1:1", "--id", id]);
     }
@@ -270,10 +271,10 @@ fn backends_in(
 /// STTPROXY_DB and --db win over the file. It says on stderr which table.
 #[test]
 fn backends_default_to_the_table_of_serve() {
-    let dir = TempDir::new("cli-default");
+    let dir = temp_dir("cli-default");
     let root = dir.path();
     let ids_in = |file: &str| -> Vec<String> {
-        list(&dir.sqlite_url(file))
+        list(&sqlite_url(dir.path(), file))
             .iter()
             .map(|r| r["id"].as_str().unwrap().to_string())
             .collect()
@@ -287,8 +288,10 @@ fn backends_default_to_the_table_of_serve() {
     );
     assert!(success, "{err}");
     assert!(
-        err.contains(&format!("backend table {}", dir.sqlite_url("sttproxy.db")))
-            && err.contains("the default of `sttproxy serve` here"),
+        err.contains(&format!(
+            "backend table {}",
+            sqlite_url(dir.path(), "sttproxy.db")
+        )) && err.contains("the default of `sttproxy serve` here"),
         "{err}"
     );
     assert_eq!(ids_in("sttproxy.db"), ["here"]);
@@ -313,7 +316,7 @@ fn backends_default_to_the_table_of_serve() {
     assert_eq!(ids_in("etc/sttproxy.db"), ["beside"]);
 
     // The settings file names a table: that one.
-    let named = dir.sqlite_url("named.db");
+    let named = sqlite_url(dir.path(), "named.db");
     std::fs::write(root.join("named.toml"), format!("db = \"{named}\"\n")).unwrap();
     let (success, out, err) = backends_in(root, None, &["list", "-c", "named.toml"]);
     assert!(success && out.contains("(no backends)"), "{out} {err}");
@@ -323,7 +326,7 @@ fn backends_default_to_the_table_of_serve() {
     // STTPROXY_DB wins over the file, silently (the user named it).
     let (success, out, err) = backends_in(
         root,
-        Some(&dir.sqlite_url("sttproxy.db")),
+        Some(&sqlite_url(dir.path(), "sttproxy.db")),
         &["list", "-c", "named.toml", "--format", "json"],
     );
     assert!(success && out.contains("\"here\""), "{out} {err}");
@@ -346,17 +349,17 @@ fn cli_errors_print_each_cause_once() {
     assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 
-    let dir = TempDir::new("cli-errors");
+    let dir = temp_dir("cli-errors");
     std::fs::write(dir.path().join("junk.db"), vec![b'x'; 4096]).unwrap();
-    let (success, _, err) = backends(&dir.sqlite_url("junk.db"), &["list"]);
+    let (success, _, err) = backends(&sqlite_url(dir.path(), "junk.db"), &["list"]);
     assert!(!success);
     assert_eq!(err.matches("not a database").count(), 1, "{err}");
 }
 
 #[test]
 fn backends_subcommands_on_sqlite() {
-    let dir = TempDir::new("cli");
-    let db = dir.sqlite_url("cli.db");
+    let dir = temp_dir("cli");
+    let db = sqlite_url(dir.path(), "cli.db");
     exercise(&db);
     assert!(dir.path().join("cli.db").exists());
     // A row the proxy would reject is listed with the reason.
@@ -477,11 +480,11 @@ impl Drop for Serve {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_defaults_to_sqlite_next_to_the_settings_file() {
     bounded(Duration::from_secs(60), async {
-        let dir = TempDir::new("serve");
+        let dir = temp_dir("serve");
         let conf_dir = dir.path().join("etc");
         std::fs::create_dir_all(&conf_dir).unwrap();
-        let a = echo().await;
-        let b = echo().await;
+        let a = start_echo().await;
+        let b = start_echo().await;
         std::fs::write(
             conf_dir.join("sttproxy.toml"),
             format!(
@@ -595,10 +598,10 @@ async fn serve_defaults_to_sqlite_next_to_the_settings_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_rejects_a_bad_row_and_applies_the_rest() {
     bounded(Duration::from_secs(60), async {
-        let dir = TempDir::new("badrow");
-        let db = dir.sqlite_url("backends.db");
-        let a = echo().await;
-        let b = echo().await;
+        let dir = temp_dir("badrow");
+        let db = sqlite_url(dir.path(), "backends.db");
+        let a = start_echo().await;
+        let b = start_echo().await;
         let (db1, a_url) = (db.clone(), a.url());
         tokio::task::spawn_blocking(move || {
             ok(

@@ -5,16 +5,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod db_support;
+mod support;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use db_support::*;
 use sqlx::migrate::Migrator;
 use sttproxy::Proxy;
 use sttproxy::config::db::Db;
+use support::db::*;
+use support::{bounded, init_tracing, temp_dir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sttproxy");
 
@@ -54,7 +55,7 @@ async fn the_embedded_migrations_are_the_source_files() {
 /// recorded and its change is there; applying again changes nothing.
 #[tokio::test]
 async fn a_new_migration_file_is_applied() {
-    let dir = TempDir::new("migrate");
+    let dir = temp_dir("migrate");
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
     let folder = dir.path().join("migrations");
     std::fs::create_dir_all(&folder).unwrap();
@@ -67,7 +68,7 @@ async fn a_new_migration_file_is_applied() {
         "ALTER TABLE backends ADD COLUMN note TEXT NOT NULL DEFAULT 'none';\n",
     )
     .unwrap();
-    let url = dir.sqlite_url("m.db");
+    let url = sqlite_url(dir.path(), "m.db");
     let db = Db::open(&url).await.unwrap();
     db.add(&spec("a", "ws://127.0.0.1:1", 1, 2)).await.unwrap();
     let versions = async || -> Vec<i64> {
@@ -116,9 +117,9 @@ async fn a_new_migration_file_is_applied() {
 async fn concurrent_first_starts_on_a_fresh_sqlite_file_all_succeed() {
     init_tracing();
     bounded(Duration::from_secs(120), async {
-        let dir = TempDir::new("firststart");
+        let dir = temp_dir("firststart");
         for round in 0..100 {
-            let url = dir.sqlite_url(&format!("tasks{round}.db"));
+            let url = sqlite_url(dir.path(), &format!("tasks{round}.db"));
             let opens: Vec<_> = (0..8)
                 .map(|_| {
                     let url = url.clone();
@@ -136,7 +137,7 @@ async fn concurrent_first_starts_on_a_fresh_sqlite_file_all_succeed() {
             }
         }
         for round in 0..3 {
-            let url = dir.sqlite_url(&format!("procs{round}.db"));
+            let url = sqlite_url(dir.path(), &format!("procs{round}.db"));
             let clis: Vec<_> = (0..6)
                 .map(|_| {
                     Command::new(BIN)

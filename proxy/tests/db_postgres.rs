@@ -6,14 +6,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod db_support;
+mod support;
 
 use std::time::Duration;
 
-use db_support::*;
 use sttproxy::Proxy;
 use sttproxy::config::BackendEntry;
 use sttproxy::config::db::{BackendPatch, Db};
+use support::db::*;
+use support::{HttpResponse, bounded, eventually, http_get, init_tracing};
 use tokio::time::Instant;
 
 /// Long enough that only NOTIFY can explain a change applied within a second.
@@ -29,8 +30,8 @@ async fn pg_new_row_within_a_second_and_removed_row_drains() {
     };
     bounded(Duration::from_secs(60), async {
         let db = Db::open(&pg.url).await.unwrap();
-        let a = echo().await;
-        let b = echo().await;
+        let a = start_echo().await;
+        let b = start_echo().await;
         db.add(&spec("a", &a.url(), 2, 16)).await.unwrap();
         let proxy = Proxy::start(&settings(&pg.url, SLOW_POLL)).await.unwrap();
         let admin = proxy.admin_addr();
@@ -98,8 +99,8 @@ async fn pg_two_proxies_converge_within_a_second() {
     };
     bounded(Duration::from_secs(60), async {
         let db = Db::open(&pg.url).await.unwrap();
-        let a = echo().await;
-        let b = echo().await;
+        let a = start_echo().await;
+        let b = start_echo().await;
         db.add(&spec("a", &a.url(), 1, 8)).await.unwrap();
         let p1 = Proxy::start(&settings(&pg.url, SLOW_POLL)).await.unwrap();
         let p2 = Proxy::start(&settings(&pg.url, SLOW_POLL)).await.unwrap();
@@ -156,8 +157,8 @@ async fn pg_outage_keeps_the_last_good_configuration() {
     };
     bounded(Duration::from_secs(90), async {
         let direct = Db::open(&pg.url).await.unwrap();
-        let a = echo().await;
-        let b = echo().await;
+        let a = start_echo().await;
+        let b = start_echo().await;
         direct.add(&spec("a", &a.url(), 2, 16)).await.unwrap();
         let mut forwarder = Forwarder::start(pg_addr(&pg.url)).await;
         let via_forwarder = with_host(&pg.url, forwarder.addr);
@@ -175,7 +176,7 @@ async fn pg_outage_keeps_the_last_good_configuration() {
             Duration::from_secs(20),
             "/readyz says the config is stale",
             || async {
-                let (status, body) = http_get(admin, "/readyz").await;
+                let HttpResponse { status, body, .. } = http_get(admin, "/readyz").await;
                 status == 200 && body.contains("config stale")
             },
         )
@@ -229,7 +230,7 @@ async fn pg_outage_keeps_the_last_good_configuration() {
             Duration::from_secs(5),
             "/readyz says the config is current",
             || async {
-                let (status, body) = http_get(admin, "/readyz").await;
+                let HttpResponse { status, body, .. } = http_get(admin, "/readyz").await;
                 status == 200 && body.contains("config current")
             },
         )
@@ -258,7 +259,7 @@ async fn pg_bad_row_is_rejected_and_the_rest_applies() {
     };
     bounded(Duration::from_secs(30), async {
         let db = Db::open(&pg.url).await.unwrap();
-        let a = echo().await;
+        let a = start_echo().await;
         db.add(&spec("good", &a.url(), 1, 4)).await.unwrap();
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url).await.unwrap();
         sqlx::query(
@@ -313,7 +314,7 @@ async fn pg_concurrent_first_starts_seed_once() {
         return;
     };
     bounded(Duration::from_secs(30), async {
-        let a = echo().await;
+        let a = start_echo().await;
         let mut s = settings(&pg.url, SLOW_POLL);
         s.backends = vec![BackendEntry {
             url: a.url(),
@@ -354,8 +355,8 @@ async fn pg_start_while_the_database_is_down() {
         return;
     };
     bounded(Duration::from_secs(60), async {
-        let a = echo().await;
-        let b = echo().await;
+        let a = start_echo().await;
+        let b = start_echo().await;
         let mut forwarder = Forwarder::start(pg_addr(&pg.url)).await;
         forwarder.stop().await;
         let mut s = settings(
@@ -373,7 +374,7 @@ async fn pg_start_while_the_database_is_down() {
         let proxy = Proxy::start(&s).await.unwrap();
         let admin = proxy.admin_addr();
         assert_eq!(ids(&pools(admin).await), ["a"]);
-        let (status, body) = http_get(admin, "/readyz").await;
+        let HttpResponse { status, body, .. } = http_get(admin, "/readyz").await;
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("config stale: never synced"), "{body}");
         short_session(proxy.listen_addr()).await.unwrap();
@@ -385,7 +386,7 @@ async fn pg_start_while_the_database_is_down() {
             || async {
                 http_get(admin, "/readyz")
                     .await
-                    .1
+                    .body
                     .contains("config current")
             },
         )
@@ -423,7 +424,7 @@ async fn pg_half_open_listen_connection_is_detected_and_replaced() {
     };
     bounded(Duration::from_secs(60), async {
         let direct = Db::open(&pg.url).await.unwrap();
-        let a = echo().await;
+        let a = start_echo().await;
         let forwarder = Forwarder::start(pg_addr(&pg.url)).await;
         let via_forwarder = with_host(&pg.url, forwarder.addr);
         let check = Duration::from_millis(1000);
@@ -458,7 +459,7 @@ async fn pg_half_open_listen_connection_is_detected_and_replaced() {
             paused_at.elapsed() >= check / 2,
             "found before any check could fail"
         );
-        let (status, body) = http_get(admin, "/readyz").await;
+        let HttpResponse { status, body, .. } = http_get(admin, "/readyz").await;
         assert!(
             status == 200 && body.contains("push (LISTEN) down"),
             "{status} {body}"
@@ -480,7 +481,7 @@ async fn pg_half_open_listen_connection_is_detected_and_replaced() {
             ids(&pools(admin).await) == ["a", "b", "c"]
         })
         .await;
-        let (_, body) = http_get(admin, "/readyz").await;
+        let HttpResponse { body, .. } = http_get(admin, "/readyz").await;
         assert!(!body.contains("push (LISTEN) down"), "{body}");
 
         proxy.shutdown().await;

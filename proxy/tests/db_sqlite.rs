@@ -3,16 +3,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod db_support;
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use db_support::*;
 use sttproxy::Proxy;
 use sttproxy::config::BackendEntry;
 use sttproxy::config::db::{BackendPatch, Db};
+use support::db::*;
+use support::{HttpResponse, bounded, eventually, http_get, init_tracing, temp_dir};
 use tokio::time::Instant;
 
 /// Resize a backend 4 → 16 → 2 while 100 sessions stream: no session dropped,
@@ -23,10 +24,10 @@ use tokio::time::Instant;
 async fn resize_under_load_converges_and_loses_nothing() {
     init_tracing();
     bounded(Duration::from_secs(90), async {
-        let dir = TempDir::new("resize");
-        let url = dir.sqlite_url("backends.db");
+        let dir = temp_dir("resize");
+        let url = sqlite_url(dir.path(), "backends.db");
         let db = Db::open(&url).await.unwrap();
-        let backend = echo().await;
+        let backend = start_echo().await;
         db.add(&spec("gpu", &backend.url(), 4, 128)).await.unwrap();
 
         let proxy = Proxy::start(&settings(&url, Duration::from_millis(200)))
@@ -174,11 +175,11 @@ async fn resize_under_load_converges_and_loses_nothing() {
 async fn new_rows_take_sessions_and_removed_rows_drain() {
     init_tracing();
     bounded(Duration::from_secs(60), async {
-        let dir = TempDir::new("addremove");
-        let url = dir.sqlite_url("backends.db");
+        let dir = temp_dir("addremove");
+        let url = sqlite_url(dir.path(), "backends.db");
         let db = Db::open(&url).await.unwrap();
-        let a = echo().await;
-        let b = echo().await;
+        let a = start_echo().await;
+        let b = start_echo().await;
         db.add(&spec("a", &a.url(), 2, 16)).await.unwrap();
         let interval = Duration::from_secs(1);
         let proxy = Proxy::start(&settings(&url, interval)).await.unwrap();
@@ -257,10 +258,10 @@ async fn new_rows_take_sessions_and_removed_rows_drain() {
 async fn settings_backends_seed_an_empty_table_once() {
     init_tracing();
     bounded(Duration::from_secs(30), async {
-        let dir = TempDir::new("seed");
-        let url = dir.sqlite_url("backends.db");
-        let a = echo().await;
-        let b = echo().await;
+        let dir = temp_dir("seed");
+        let url = sqlite_url(dir.path(), "backends.db");
+        let a = start_echo().await;
+        let b = start_echo().await;
         let entry = |id: &str, url: String| BackendEntry {
             url,
             id: Some(id.to_string()),
@@ -296,14 +297,14 @@ async fn settings_backends_seed_an_empty_table_once() {
             ids(&pools(admin).await).is_empty()
         })
         .await;
-        let (status, body) = http_get(admin, "/readyz").await;
+        let HttpResponse { status, body, .. } = http_get(admin, "/readyz").await;
         assert_eq!(status, 503, "{body}");
         db.set_enabled("a", true).await.unwrap();
         eventually(Duration::from_secs(5), "a enabled and warm", || async {
             pool(&pools(admin).await, "a").is_some_and(|p| field(p, "idle") == 1)
         })
         .await;
-        let (status, body) = http_get(admin, "/readyz").await;
+        let HttpResponse { status, body, .. } = http_get(admin, "/readyz").await;
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("config current"), "{body}");
 
@@ -321,11 +322,11 @@ async fn settings_backends_seed_an_empty_table_once() {
 async fn url_change_and_max_above_capacity_replace_the_pool() {
     init_tracing();
     bounded(Duration::from_secs(30), async {
-        let dir = TempDir::new("replace");
-        let url = dir.sqlite_url("backends.db");
+        let dir = temp_dir("replace");
+        let url = sqlite_url(dir.path(), "backends.db");
         let db = Db::open(&url).await.unwrap();
-        let a = echo().await;
-        let b = echo().await;
+        let a = start_echo().await;
+        let b = start_echo().await;
         db.add(&spec("x", &a.url(), 2, 8)).await.unwrap();
         let proxy = Proxy::start(&settings(&url, Duration::from_millis(200)))
             .await
@@ -399,9 +400,9 @@ async fn a_bad_row_then_disabled_leaves_the_routed_set() {
     init_tracing();
     bounded(Duration::from_secs(30), async {
         use sqlx::Connection;
-        let dir = TempDir::new("baddisabled");
-        let url = dir.sqlite_url("backends.db");
-        let a = echo().await;
+        let dir = temp_dir("baddisabled");
+        let url = sqlite_url(dir.path(), "backends.db");
+        let a = start_echo().await;
         let db = Db::open(&url).await.unwrap();
         db.add(&spec("a", &a.url(), 1, 2)).await.unwrap();
         db.add(&spec("b", &a.url(), 1, 2)).await.unwrap();

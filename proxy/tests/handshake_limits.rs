@@ -7,22 +7,14 @@ mod support;
 
 use std::net::SocketAddr;
 
-use echo_backend::{Config, Mode};
 use futures_util::SinkExt;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
+use support::echo;
+use support::raw::{Answer, send_request};
 use support::{
-    Harness, TEST_LIMIT, bounded, connect, end_session, expect_started, metrics, recv_data, within,
+    Harness, TEST_LIMIT, bounded, connect, end_session, expect_started, metrics, recv_data,
 };
-
-fn echo() -> Config {
-    Config {
-        mode: Mode::Echo,
-        ..Config::default()
-    }
-}
 
 /// An upgrade request for `/v1/stream` + `query` with `extra` header lines.
 fn upgrade(addr: SocketAddr, query: &str, extra: &str, version: &str, key: &str) -> String {
@@ -34,23 +26,6 @@ fn upgrade(addr: SocketAddr, query: &str, extra: &str, version: &str, key: &str)
 }
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-
-/// Send `request` and read the response's head: (status, head).
-async fn answer(addr: SocketAddr, request: &str) -> (u16, String) {
-    within(support::STEP, "an HTTP answer", async {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let (buf, end) = support::raw::read_head(&mut stream).await.unwrap();
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status in {head:?}"));
-        (status, head)
-    })
-    .await
-}
 
 /// Every row of the bad-input table about the request's size and the
 /// WebSocket headers gets its status; the session open meanwhile still
@@ -128,7 +103,9 @@ async fn each_bad_upgrade_request_gets_its_status_and_a_live_session_is_unaffect
             let before = metrics(h.admin)
                 .await
                 .count(&format!("sttproxy_refused_total{{outcome=\"{label}\"}}"));
-            let (got, head) = answer(addr, request).await;
+            let Answer {
+                status: got, head, ..
+            } = send_request(addr, request).await;
             assert_eq!(got, *status, "{what}: {head}");
             if *status == 426 {
                 assert!(
@@ -153,7 +130,9 @@ async fn each_bad_upgrade_request_gets_its_status_and_a_live_session_is_unaffect
             "13",
             KEY,
         );
-        let (got, head) = answer(addr, &ok).await;
+        let Answer {
+            status: got, head, ..
+        } = send_request(addr, &ok).await;
         assert_eq!(got, 101, "a request within every limit: {head}");
         end_session(&mut ws, &id).await;
         h.stop().await;
@@ -187,7 +166,9 @@ async fn origins_compare_as_origins_and_a_missing_origin_follows_the_setting() {
                     if allow_missing { 101 } else { 403 },
                 ),
             ] {
-                let (got, head) = answer(addr, &request).await;
+                let Answer {
+                    status: got, head, ..
+                } = send_request(addr, &request).await;
                 assert_eq!(
                     got, status,
                     "allow_missing_origin = {allow_missing}: {request}\n{head}"

@@ -21,22 +21,15 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use echo_backend::{Config, Mode};
 use serde_json::Value;
 
 use support::clients::{Chromium, chromium_binary, node_ws, python_venv, skip_or_fail};
+use support::echo;
 use support::{Harness, STEP, bounded, within};
 
 const SESSIONS: usize = 20;
 /// Sessions of one client (60), each at most a few seconds if it hangs.
 const CLIENT_LIMIT: Duration = Duration::from_secs(240);
-
-fn echo() -> Config {
-    Config {
-        mode: Mode::Echo,
-        ..Config::default()
-    }
-}
 
 fn script(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -240,7 +233,8 @@ async fn python_websockets_close_handshake_is_clean_both_ways() {
 /// opened before carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_over_wss_trusts_a_test_ca_and_survives_a_certificate_swap() {
-    use support::tls::{TempDir, TestCa, served_cert};
+    use support::temp_dir;
+    use support::tls::{TestCa, served_cert};
 
     let bin = match chromium_binary() {
         Ok(bin) => bin,
@@ -255,14 +249,14 @@ async fn chromium_over_wss_trusts_a_test_ca_and_survives_a_certificate_swap() {
     }
     bounded(Duration::from_secs(120), async {
         let ca = TestCa::new("sttproxy browser test CA");
-        let dir = TempDir::new("wss-browser");
-        let (cert, key, ca_file) = (dir.path("cert.pem"), dir.path("key.pem"), dir.path("ca.pem"));
+        let dir = temp_dir("wss-browser");
+        let (cert, key, ca_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"), dir.path().join("ca.pem"));
         ca.write(&ca_file);
         let first = ca.leaf(&["localhost"], 1);
         first.write(&cert, &key);
 
         // The browser's trust store: an NSS database under a HOME of its own.
-        let home = dir.path("home");
+        let home = dir.path().join("home");
         let nssdb = home.join(".pki/nssdb");
         std::fs::create_dir_all(&nssdb).unwrap();
         let db = format!("sql:{}", nssdb.display());

@@ -16,7 +16,6 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use echo_backend::{Config, Mode};
 use futures_util::SinkExt;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -24,32 +23,26 @@ use serde_json::{Value, json};
 use sttproxy::auth::JwtSettings;
 use sttproxy::auth::token::TokenSource;
 use sttproxy::config::BackendEntry;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use support::echo;
+use support::raw::send_request;
 use support::raw::{OP_BINARY, OP_TEXT, RawMsg, server_frame};
 use support::raw_backend::{BackendConn, RawBackend, control, ended_frame, started_frame};
 use support::{
     Harness, STEP, TEST_LIMIT, Ws, bounded, end_session, eventually, expect_started, metrics,
     recv_data, within,
 };
+use support::{replace_file, temp_dir};
 
 const AUD: &str = "stt-api";
 const ISS: &str = "https://issuer.test";
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const SECRET: &[u8] = b"a test-only HS256 secret of 40+ bytes....";
-
-fn echo() -> Config {
-    Config {
-        mode: Mode::Echo,
-        ..Config::default()
-    }
-}
 
 fn keys_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys")
@@ -57,24 +50,6 @@ fn keys_dir() -> PathBuf {
 
 fn private_pem(name: &str) -> Vec<u8> {
     std::fs::read(keys_dir().join(format!("{name}.key.pem"))).unwrap()
-}
-
-/// A fresh directory for this test's secret and JWKS files.
-fn scratch_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "jwt-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Replace `path`'s content at once (write aside, rename), as a deploy does.
-fn replace_file(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 fn now() -> i64 {
@@ -135,12 +110,13 @@ fn jwt_settings(dir: &Path) -> JwtSettings {
     }
 }
 
-/// An echo backend and a warm proxy with [`jwt_settings`].
-async fn start_with_jwt() -> Harness {
-    let dir = scratch_dir();
-    let h = Harness::start(1, echo(), |s| s.jwt = Some(jwt_settings(&dir))).await;
+/// An echo backend and a warm proxy with [`jwt_settings`], and the directory
+/// of its secret (the proxy rereads it: keep it as long as the proxy).
+async fn start_with_jwt() -> (Harness, tempfile::TempDir) {
+    let dir = temp_dir("jwt");
+    let h = Harness::start(1, echo(), |s| s.jwt = Some(jwt_settings(dir.path()))).await;
     h.wait_warm().await;
-    h
+    (h, dir)
 }
 
 /// The status an upgrade with `Authorization: Bearer <token>` gets.
@@ -171,49 +147,39 @@ struct Answer {
 
 impl Answer {
     fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
+        support::raw::header_in(&self.head, name)
     }
 }
 
 /// Send an upgrade request for `target` with `extra` headers, by hand.
 async fn upgrade(addr: SocketAddr, target: &str, extra: &[(&str, &str)]) -> Answer {
-    within(STEP, format_args!("an answer to GET {target}"), async {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let mut request = format!(
-            "GET {target} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n"
-        );
-        for (name, value) in extra {
-            request.push_str(&format!("{name}: {value}\r\n"));
-        }
-        request.push_str("\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let (buf, end) = support::raw::read_head(&mut stream).await.unwrap();
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status in {head:?}"));
-        let ws = if status == 101 {
-            Some(
-                WebSocketStream::from_partially_read(
-                    MaybeTlsStream::Plain(stream),
-                    buf[end..].to_vec(),
-                    Role::Client,
-                    None,
-                )
-                .await,
+    let mut request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for (name, value) in extra {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    let raw = send_request(addr, &request).await;
+    let ws = if raw.status == 101 {
+        Some(
+            WebSocketStream::from_partially_read(
+                MaybeTlsStream::Plain(raw.stream),
+                raw.read_ahead,
+                Role::Client,
+                None,
             )
-        } else {
-            None
-        };
-        Answer { status, head, ws }
-    })
-    .await
+            .await,
+        )
+    } else {
+        None
+    };
+    Answer {
+        status: raw.status,
+        head: raw.head,
+        ws,
+    }
 }
 
 /// Echo one text through `ws`.
@@ -264,7 +230,7 @@ async fn a_valid_token_from_each_source_opens_a_session() {
     bounded(TEST_LIMIT, async {
         let (tx, mut starts) = mpsc::unbounded_channel();
         let backend = RawBackend::start(move |conn| recording_echo(conn, tx.clone())).await;
-        let dir = scratch_dir();
+        let dir = temp_dir("jwt");
         let h = Harness::start(0, echo(), |s| {
             s.backends = vec![BackendEntry {
                 url: backend.url(),
@@ -274,7 +240,7 @@ async fn a_valid_token_from_each_source_opens_a_session() {
                 weight: None,
                 reuse: None,
             }];
-            s.jwt = Some(jwt_settings(&dir));
+            s.jwt = Some(jwt_settings(dir.path()));
         })
         .await;
         h.wait_warm().await;
@@ -351,7 +317,7 @@ async fn a_valid_token_from_each_source_opens_a_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_bad_token_is_refused_with_its_outcome_and_a_live_session_is_unaffected() {
     bounded(TEST_LIMIT, async {
-        let h = start_with_jwt().await;
+        let (h, _dir) = start_with_jwt().await;
         let good = sign(Algorithm::ES256, &ec("ec_a"), None, &good_claims());
         let auth = format!("Bearer {good}");
         let mut live = upgrade(h.listen, "/v1/stream", &[("Authorization", &auth)]).await;
@@ -564,8 +530,8 @@ fn jwks(keys: &[(&EncodingKey, Algorithm, &str)]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_jwks_file_is_picked_up_and_a_bad_one_keeps_the_old_keys() {
     bounded(TEST_LIMIT, async {
-        let dir = scratch_dir();
-        let path = dir.join("jwks.json");
+        let dir = temp_dir("jwt");
+        let path = dir.path().join("jwks.json");
         let (rsa_a, ec_a, ec_b) = (rsa("rsa_a"), ec("ec_a"), ec("ec_b"));
         std::fs::write(
             &path,
@@ -656,8 +622,8 @@ async fn a_rotated_jwks_file_is_picked_up_and_a_bad_one_keeps_the_old_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_pem_file_is_picked_up() {
     bounded(TEST_LIMIT, async {
-        let dir = scratch_dir();
-        let path = dir.join("rsa.pub.pem");
+        let dir = temp_dir("jwt");
+        let path = dir.path().join("rsa.pub.pem");
         std::fs::copy(keys_dir().join("rsa_a.pub.pem"), &path).unwrap();
         let h = Harness::start(1, echo(), |s| {
             s.jwt = Some(JwtSettings {
@@ -696,11 +662,11 @@ async fn a_rotated_pem_file_is_picked_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_and_jwts_combine_in_either_mode() {
     bounded(TEST_LIMIT, async {
-        let dir = scratch_dir();
+        let dir = temp_dir("jwt");
         let h = Harness::start(1, echo(), |s| {
             s.api_keys = vec!["key-1".into()];
             s.auth = Some(sttproxy::auth::AuthMode::Either);
-            s.jwt = Some(jwt_settings(&dir));
+            s.jwt = Some(jwt_settings(dir.path()));
         })
         .await;
         h.wait_warm().await;
@@ -784,7 +750,7 @@ async fn api_keys_and_jwts_combine_in_either_mode() {
         let mut settings = support::test_settings();
         settings.api_keys = vec!["key-1".into()];
         settings.auth = Some(sttproxy::auth::AuthMode::Jwt);
-        settings.jwt = Some(jwt_settings(&dir));
+        settings.jwt = Some(jwt_settings(dir.path()));
         let err = sttproxy::Proxy::start(&settings)
             .await
             .unwrap_err()
@@ -810,7 +776,7 @@ async fn api_keys_and_jwts_combine_in_either_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tungstenite_accepts_the_subprotocol_answer() {
     bounded(TEST_LIMIT, async {
-        let h = start_with_jwt().await;
+        let (h, _dir) = start_with_jwt().await;
         let token = sign(Algorithm::ES256, &ec("ec_a"), None, &good_claims());
         let mut request = h.ws_url().into_client_request().unwrap();
         request.headers_mut().insert(
@@ -861,7 +827,7 @@ async fn node_ws_sends_the_token_as_a_subprotocol() {
         }
     };
     bounded(TEST_LIMIT, async {
-        let h = start_with_jwt().await;
+        let (h, _dir) = start_with_jwt().await;
         let token = sign(Algorithm::ES256, &ec("ec_a"), None, &good_claims());
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/bearer_subprotocol.cjs");
         let mut cmd = Command::new("node");
@@ -918,7 +884,7 @@ async fn chromium_sends_the_token_as_a_subprotocol() {
         }
     };
     bounded(Duration::from_secs(90), async {
-        let h = start_with_jwt().await;
+        let (h, _dir) = start_with_jwt().await;
         let token = sign(Algorithm::ES256, &ec("ec_a"), None, &good_claims());
         let mut browser = support::clients::Chromium::launch(&bin).await;
         let page =

@@ -18,18 +18,12 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
+use support::echo;
 use support::raw::{RawMsg, RawWs};
 use support::{
     Harness, ProxyProcess, STEP, TEST_LIMIT, bounded, connect, end_session, eventually,
     expect_close_code, expect_started, http_get, http_request, recv_json, within,
 };
-
-fn echo() -> Config {
-    Config {
-        mode: Mode::Echo,
-        ..Config::default()
-    }
-}
 
 fn stt(delay_ms: u64, jitter_ms: u64) -> Config {
     Config {
@@ -692,24 +686,7 @@ async fn every_silent_idle_connection_is_discarded_within_one_health_round() {
         })
         .await;
         h.wait_warm().await;
-        let b = &h.backends[0];
-        eventually(STEP, "a first round of health pings answered", || async {
-            b.stats().pings_answered >= 4
-        })
-        .await;
-        b.set_pong_delay(Duration::from_secs(5));
-        let took = eventually(STEP, "all four silent connections discarded", || async {
-            h.pools().await.get("b0", "discarded_total") >= 4
-        })
-        .await;
-        b.set_pong_delay(Duration::ZERO);
-        let bound = Duration::from_millis(330 + 200);
-        let slack = Duration::from_millis(250);
-        assert!(
-            took <= bound + slack,
-            "the 4th silent idle connection was discarded after {took:?}, bound {bound:?} \
-             (+{slack:?} slack): idle connections are pinged one after the other"
-        );
+        support::silence_until_discarded(&h, 4, 4).await;
         h.stop().await;
     })
     .await;

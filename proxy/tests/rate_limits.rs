@@ -8,20 +8,42 @@ mod support;
 
 use std::time::Duration;
 
-use echo_backend::{Config, Mode};
 use futures_util::{SinkExt, StreamExt};
+use sttproxy::Settings;
 use tokio_tungstenite::tungstenite::Message;
 
+use support::echo;
 use support::{
     Harness, TEST_LIMIT, Ws, bounded, connect, end_session, eventually, expect_started, metrics,
     within,
 };
 
-fn echo() -> Config {
-    Config {
-        mode: Mode::Echo,
-        ..Config::default()
-    }
+/// A warm proxy with rate limits (a 1 s burst, a short tick: the limits are
+/// charged on it, plus what `limits` sets) and two sessions started on it:
+/// the one that keeps within them (with its id) and the one that will not.
+async fn two_clients(limits: impl FnOnce(&mut Settings)) -> (Harness, Ws, String, Ws) {
+    let h = Harness::start(1, echo(), |s| {
+        s.rate_limit_burst = Duration::from_secs(1);
+        s.client_ping_interval = Duration::from_millis(800);
+        limits(s);
+    })
+    .await;
+    h.wait_warm().await;
+    let url = h.ws_url();
+    let mut good = connect(&url).await;
+    let good_id = expect_started(&mut good).await;
+    let mut bad = connect(&url).await;
+    expect_started(&mut bad).await;
+    (h, good, good_id, bad)
+}
+
+/// Sessions closed for their rate so far: (by messages, by bytes).
+async fn rate_limited(h: &Harness) -> (f64, f64) {
+    let m = metrics(h.admin).await;
+    (
+        m.count(r#"sttproxy_rate_limited_total{limit="messages"}"#),
+        m.count(r#"sttproxy_rate_limited_total{limit="bytes"}"#),
+    )
 }
 
 /// Send `n` messages of `size` bytes, one every `every`, reading the echo of
@@ -72,20 +94,10 @@ async fn flood_until_closed(ws: &mut Ws, size: usize) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_past_its_message_rate_gets_1008_and_one_within_it_streams_on() {
     bounded(TEST_LIMIT, async {
-        let h = Harness::start(1, echo(), |s| {
+        let (h, mut good, good_id, mut flood) = two_clients(|s| {
             s.max_client_messages_per_second = 50;
-            s.rate_limit_burst = Duration::from_secs(1);
-            // A short tick: the limits are charged on it.
-            s.client_ping_interval = Duration::from_millis(800);
         })
         .await;
-        h.wait_warm().await;
-        let url = h.ws_url();
-
-        let mut good = connect(&url).await;
-        let good_id = expect_started(&mut good).await;
-        let mut flood = connect(&url).await;
-        expect_started(&mut flood).await;
 
         // The well-behaved client streams at 25 messages/s (half its limit)
         // while the other floods.
@@ -97,15 +109,7 @@ async fn a_client_past_its_message_rate_gets_1008_and_one_within_it_streams_on()
         stream_paced(&mut good, 5, 64, Duration::from_millis(40)).await;
         end_session(&mut good, &good_id).await;
 
-        let m = metrics(h.admin).await;
-        assert_eq!(
-            m.count(r#"sttproxy_rate_limited_total{limit="messages"}"#),
-            1.0
-        );
-        assert_eq!(
-            m.count(r#"sttproxy_rate_limited_total{limit="bytes"}"#),
-            0.0
-        );
+        assert_eq!(rate_limited(&h).await, (1.0, 0.0));
         eventually(Duration::from_secs(5), "both sessions counted", || async {
             let m = metrics(h.admin).await;
             m.count(r#"sttproxy_sessions_total{outcome="rate_limited"}"#) == 1.0
@@ -125,19 +129,11 @@ async fn a_client_past_its_message_rate_gets_1008_and_one_within_it_streams_on()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_past_its_byte_rate_gets_1008() {
     bounded(TEST_LIMIT, async {
-        let h = Harness::start(1, echo(), |s| {
+        let (h, mut good, good_id, mut heavy) = two_clients(|s| {
             s.max_client_messages_per_second = 1_000;
             s.max_client_bytes_per_second = 20_000;
-            s.rate_limit_burst = Duration::from_secs(1);
-            s.client_ping_interval = Duration::from_millis(800);
         })
         .await;
-        h.wait_warm().await;
-        let url = h.ws_url();
-        let mut good = connect(&url).await;
-        let good_id = expect_started(&mut good).await;
-        let mut heavy = connect(&url).await;
-        expect_started(&mut heavy).await;
 
         // 4 KiB every 100 ms (40 KB/s, twice the limit) against 1 KiB every
         // 100 ms (10 KB/s, half of it); few messages, far below 1,000/s.
@@ -176,15 +172,7 @@ async fn a_client_past_its_byte_rate_gets_1008() {
         );
         assert_eq!(closed, Some((1008, "rate limit exceeded".to_string())));
         end_session(&mut good, &good_id).await;
-        let m = metrics(h.admin).await;
-        assert_eq!(
-            m.count(r#"sttproxy_rate_limited_total{limit="bytes"}"#),
-            1.0
-        );
-        assert_eq!(
-            m.count(r#"sttproxy_rate_limited_total{limit="messages"}"#),
-            0.0
-        );
+        assert_eq!(rate_limited(&h).await, (0.0, 1.0));
         h.stop().await;
     })
     .await;

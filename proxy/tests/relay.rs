@@ -18,7 +18,6 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use echo_backend::{Config, Mode};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use sttproxy::config::BackendEntry;
@@ -27,6 +26,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
+use support::echo;
 use support::raw::{
     OP_BINARY, OP_CLOSE, OP_TEXT, RawMsg, RawWs, client_frame, close_code, read_frame_from,
     server_frame,
@@ -38,13 +38,6 @@ use support::{
     Harness, STEP, TEST_LIMIT, Ws, bounded, connect, end_session, eventually, expect_close_code,
     within,
 };
-
-fn echo() -> Config {
-    Config {
-        mode: Mode::Echo,
-        ..Config::default()
-    }
-}
 
 /// Every backend entry gets these pool sizes.
 fn sizes(s: &mut sttproxy::Settings, target: usize, max: usize) {

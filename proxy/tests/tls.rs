@@ -12,25 +12,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use echo_backend::{Config, Mode};
 use futures_util::SinkExt;
 use sttproxy::config::Settings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use support::tls::{Leaf, TempDir, TestCa, TlsFront, connect_wss, replace_file, served_cert};
+use support::echo;
+use support::tls::{Leaf, TestCa, TlsFront, connect_wss, served_cert};
 use support::{
     Harness, STEP, TEST_LIMIT, Ws, a_silent_idle_connection_is_discarded_and_replaced, bounded,
     end_session, eventually, expect_started, recv_data,
 };
-
-fn echo() -> Config {
-    Config {
-        mode: Mode::Echo,
-        ..Config::default()
-    }
-}
+use support::{replace_file, temp_dir};
 
 /// A proxy whose client listener speaks TLS with a certificate of a test CA,
 /// in front of one echo backend.
@@ -41,14 +35,14 @@ struct TlsProxy {
     first: Leaf,
     cert: PathBuf,
     key: PathBuf,
-    _dir: TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl TlsProxy {
     async fn start(tweak: impl FnOnce(&mut Settings)) -> Self {
         let ca = TestCa::new("sttproxy test CA");
-        let dir = TempDir::new("tls");
-        let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
+        let dir = temp_dir("tls");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         let first = ca.leaf(&["localhost", "127.0.0.1"], 1);
         first.write(&cert, &key);
         let h = Harness::start(1, echo(), |s| {
@@ -414,10 +408,11 @@ async fn sessions_relay_over_wss_backends_of_a_private_ca_with_a_client_certific
     bounded(TEST_LIMIT, async {
         let backend_ca = TestCa::new("backend CA");
         let client_ca = TestCa::new("proxy client CA");
-        let dir = TempDir::new("tls-backend");
-        let ca_file = dir.path("backend-ca.pem");
+        let dir = temp_dir("tls-backend");
+        let ca_file = dir.path().join("backend-ca.pem");
         backend_ca.write(&ca_file);
-        let (client_cert, client_key) = (dir.path("client.pem"), dir.path("client.key"));
+        let (client_cert, client_key) =
+            (dir.path().join("client.pem"), dir.path().join("client.key"));
         client_ca
             .leaf(&["sttproxy"], 20)
             .write(&client_cert, &client_key);
@@ -475,8 +470,8 @@ async fn sessions_relay_over_wss_backends_of_a_private_ca_with_a_client_certific
 async fn an_idle_wss_backend_connection_without_pong_is_discarded_and_replaced() {
     bounded(TEST_LIMIT, async {
         let ca = TestCa::new("backend CA");
-        let dir = TempDir::new("tls-health");
-        let ca_file = dir.path("ca.pem");
+        let dir = temp_dir("tls-health");
+        let ca_file = dir.path().join("ca.pem");
         ca.write(&ca_file);
         let front = backend_front(&ca, None).await;
         let h = behind(&front, |s| {
@@ -505,8 +500,8 @@ async fn an_idle_wss_backend_connection_without_pong_is_discarded_and_replaced()
 async fn an_unusable_certificate_at_start_is_an_error_naming_the_file() {
     bounded(TEST_LIMIT, async {
         let ca = TestCa::new("sttproxy test CA");
-        let dir = TempDir::new("tls-start");
-        let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
+        let dir = temp_dir("tls-start");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         let leaf = ca.leaf(&["localhost"], 1);
         let other = ca.leaf(&["localhost"], 2);
         let start = |cert: PathBuf, key: PathBuf| async move {
@@ -524,7 +519,7 @@ async fn an_unusable_certificate_at_start_is_an_error_naming_the_file() {
         assert!(err.contains("cert.pem") && err.contains("key.pem"), "{err}");
         assert!(err.contains("is not the key of"), "{err}");
         eprintln!("a mismatched pair at start: {err}");
-        let missing = dir.path("missing.pem");
+        let missing = dir.path().join("missing.pem");
         let err = start(missing.clone(), key.clone())
             .await
             .unwrap_err()

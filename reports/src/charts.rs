@@ -35,6 +35,29 @@ pub fn color_of(system: &str) -> RGBColor {
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Drawn dashed: a reference level (e.g. the offered rate) next to the
+    /// solid measured line of the same system and colour.
+    pub dashed: bool,
+}
+
+impl Series {
+    /// A solid line.
+    pub fn line(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Self {
+            name: name.into(),
+            points,
+            dashed: false,
+        }
+    }
+
+    /// A dashed line.
+    pub fn dashed(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Self {
+            name: name.into(),
+            points,
+            dashed: true,
+        }
+    }
 }
 
 /// A chart that can draw itself on any plotters backend.
@@ -106,16 +129,24 @@ impl Chart for LineChart {
             .map_err(err)?;
         for s in &self.series {
             let color = color_of(&s.name);
-            chart
-                .draw_series(LineSeries::new(
+            let drawn = if s.dashed {
+                chart.draw_series(DashedLineSeries::new(
+                    s.points.iter().copied(),
+                    8,
+                    5,
+                    color.stroke_width(2),
+                ))
+            } else {
+                chart.draw_series(LineSeries::new(
                     s.points.iter().copied(),
                     color.stroke_width(2),
                 ))
-                .map_err(err)?
-                .label(&s.name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
-                });
+            };
+            let dashed = s.dashed;
+            drawn.map_err(err)?.label(&s.name).legend(move |(x, y)| {
+                let width = if dashed { 1 } else { 3 };
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(width))
+            });
         }
         chart
             .configure_series_labels()
@@ -177,7 +208,10 @@ impl Chart for BarChart {
             .groups
             .iter()
             .flat_map(|g| g.1.iter().flatten().flat_map(|b| [b.value, b.low, b.high]));
-        let y_max = values.clone().fold(0.0f64, f64::max).max(1e-6) * 1.3;
+        // Headroom for the legend above the tallest bar: on a log axis a
+        // factor is a distance, so it takes a larger one.
+        let headroom = if self.log_y { 12.0 } else { 1.3 };
+        let y_max = values.clone().fold(0.0f64, f64::max).max(1e-6) * headroom;
         let y_min = values.filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
         let n_cat = self.categories.len().max(1);
         let n_grp = self.groups.len().max(1);
@@ -270,5 +304,109 @@ impl Chart for BarChart {
             draw_bars!(chart, 0.0);
         }
         Ok(())
+    }
+}
+
+/// Latency by percentile, one curve per system, on the usual HdrHistogram
+/// scale: x is `1/(1-p)` on a log axis, so 90, 99, 99.9 and 99.99 % are
+/// equally far apart and the tail is not squeezed into the right edge.
+/// Points are `(1/(1-p), ms)` ([`crate::hlog::curve`]).
+#[derive(Debug)]
+pub struct PercentileChart {
+    pub title: String,
+    pub series: Vec<Series>,
+}
+
+/// The percentile (in %) at `x = 1/(1-p)`, as an axis label: `99.9%`.
+pub fn percentile_label(x: f64) -> String {
+    let p = 100.0 * (1.0 - 1.0 / x.max(1.0));
+    let text = format!("{p:.4}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("{text}%")
+}
+
+impl Chart for PercentileChart {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+        use plotters::coord::combinators::BindKeyPoints;
+        area.fill(&WHITE).map_err(err)?;
+        let points = || self.series.iter().flat_map(|s| s.points.iter());
+        let x_max = points().map(|p| p.0).fold(100.0f64, f64::max);
+        let y_max = points().map(|p| p.1).fold(0.0f64, f64::max).max(1e-3) * 1.1;
+        let keys: Vec<f64> = [1.0, 2.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6]
+            .into_iter()
+            .filter(|k| *k <= x_max * 1.0001)
+            .collect();
+        let mut chart = ChartBuilder::on(area)
+            .caption(&self.title, ("sans-serif", 22))
+            .margin(12)
+            .margin_right(36)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((1.0..x_max).log_scale().with_key_points(keys), 0.0..y_max)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("percentile")
+            .y_desc("ms")
+            .x_label_formatter(&|x| percentile_label(*x))
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(err)?;
+        for s in &self.series {
+            let color = color_of(&s.name);
+            chart
+                .draw_series(LineSeries::new(
+                    s.points.iter().copied(),
+                    color.stroke_width(2),
+                ))
+                .map_err(err)?
+                .label(&s.name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(err)?;
+        Ok(())
+    }
+}
+
+/// Bar charts side by side under one title: quantities in different units
+/// (cores, MB) each on their own axis, never one shared axis.
+#[derive(Debug)]
+pub struct Panels {
+    pub title: String,
+    pub panels: Vec<BarChart>,
+}
+
+impl Chart for Panels {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+        area.fill(&WHITE).map_err(err)?;
+        let inner = area.titled(&self.title, ("sans-serif", 22)).map_err(err)?;
+        let cells = inner.split_evenly((1, self.panels.len().max(1)));
+        for (panel, cell) in self.panels.iter().zip(&cells) {
+            panel.draw(cell)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_labels_read_as_percentiles() {
+        assert_eq!(percentile_label(1.0), "0%");
+        assert_eq!(percentile_label(2.0), "50%");
+        assert_eq!(percentile_label(10.0), "90%");
+        assert_eq!(percentile_label(1000.0), "99.9%");
+        assert_eq!(percentile_label(10_000.0), "99.99%");
     }
 }

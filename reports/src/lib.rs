@@ -3,6 +3,7 @@
 //! `report.html`; and the `repro` orchestrator behind `cargo repro`.
 
 pub mod charts;
+pub mod hlog;
 pub mod procs;
 pub mod report;
 pub mod repro;

@@ -8,7 +8,9 @@ use std::path::Path;
 use loadgen::Host;
 use serde::{Deserialize, Serialize};
 
-use crate::charts::{self, Bar, BarChart, LineChart, Series};
+use crate::charts::{self, Bar, BarChart, LineChart, Panels, PercentileChart, Series};
+use crate::hlog;
+use crate::repro::index::round_file;
 use crate::results::{Figure, Summary, SystemRounds, SystemRun, SystemSummary, WatchSample};
 use crate::stats::{self, Spread};
 
@@ -78,6 +80,11 @@ pub struct RunNotes {
     /// Systems that were not measured, with why (e.g. nginx not installed).
     pub skipped: Vec<String>,
     pub notes: Vec<String>,
+    /// Results that should be there and are not (a round's JSON or latency
+    /// log missing or unreadable), found when the report was rendered. The
+    /// report says so instead of failing or silently leaving a gap.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -356,12 +363,7 @@ fn over_time(
         y_label: y_label.into(),
         series: systems
             .iter()
-            .filter_map(|s| {
-                Some(Series {
-                    name: s.name.clone(),
-                    points: points(s.median_run()?),
-                })
-            })
+            .filter_map(|s| Some(Series::line(s.name.clone(), points(s.median_run()?))))
             .collect(),
     }
 }
@@ -392,12 +394,137 @@ fn spread_bars(
         .collect()
 }
 
+/// Delivered messages a second of each system's median round (solid), and
+/// the rate it was offered (dashed, same colour): a system that could not
+/// keep up shows as a solid line below its dashed one.
+pub fn throughput_series(systems: &[SystemRounds]) -> Vec<Series> {
+    let mut out = Vec::new();
+    for s in systems {
+        let Some(run) = s.median_run() else {
+            continue;
+        };
+        let delivered: Vec<(f64, f64)> = run
+            .result
+            .timeline
+            .iter()
+            .map(|e| (e.t, e.received as f64))
+            .collect();
+        let offered = run.result.throughput.offered_per_s;
+        let end = delivered
+            .last()
+            .map_or(run.result.throughput.window_s, |p| p.0);
+        out.push(Series::line(format!("{} delivered", s.name), delivered));
+        if offered > 0.0 && end > 0.0 {
+            out.push(Series::dashed(
+                format!("{} offered", s.name),
+                vec![(0.0, offered), (end, offered)],
+            ));
+        }
+    }
+    out
+}
+
+fn throughput_chart(systems: &[SystemRounds]) -> LineChart {
+    LineChart {
+        title: "Offered (dashed) and delivered messages per second (median round by CPU µs/msg)"
+            .into(),
+        x_label: "seconds".into(),
+        y_label: "msg/s".into(),
+        series: throughput_series(systems),
+    }
+}
+
+/// One latency-by-percentile curve per system, from the interval logs
+/// (`<system>-r<round>.hlog` in `dir`) of all its rounds merged; and what could
+/// not be read, one line per log. A system none of whose logs could be read
+/// has no curve.
+pub fn latency_curves(dir: &Path, systems: &[SystemRounds]) -> (Vec<Series>, Vec<String>) {
+    let mut curves = Vec::new();
+    let mut missing = Vec::new();
+    for s in systems {
+        let mut merged: Option<hdrhistogram::Histogram<u64>> = None;
+        for run in &s.runs {
+            let file = round_file(&s.name, run.round, "hlog");
+            match hlog::load(&dir.join(&file)) {
+                Ok(h) => match merged.as_mut() {
+                    None => merged = Some(h),
+                    Some(m) => {
+                        if let Err(e) = m.add(&h) {
+                            missing.push(format!("{file}: cannot be merged: {e:?}"));
+                        }
+                    }
+                },
+                Err(e) => missing.push(format!(
+                    "latency log of {} round {}: {e}; the percentile curve leaves it out",
+                    s.name, run.round
+                )),
+            }
+        }
+        let points = merged.as_ref().map(hlog::curve).unwrap_or_default();
+        if !points.is_empty() {
+            curves.push(Series::line(s.name.clone(), points));
+        }
+    }
+    (curves, missing)
+}
+
+/// Our medians beside the reference write-up's quoted figures, a panel per
+/// unit (cores; MB), each with its own log axis: one shared axis for cores and
+/// MB would put 0.5 cores next to 60 MB as if they were comparable.
+pub fn reference_chart(summaries: &[SystemSummary]) -> Panels {
+    let mut cpu: Vec<(String, Vec<Option<Bar>>)> = REFERENCES
+        .iter()
+        .map(|r| {
+            (
+                r.name.to_string(),
+                vec![Some(Bar::point((r.cpu_cores_low + r.cpu_cores_high) / 2.0))],
+            )
+        })
+        .collect();
+    let mut mem: Vec<(String, Vec<Option<Bar>>)> = REFERENCES
+        .iter()
+        .map(|r| {
+            (
+                r.name.to_string(),
+                vec![r.rss_avg_mb.map(Bar::point), r.rss_peak_mb.map(Bar::point)],
+            )
+        })
+        .collect();
+    for (name, bars) in spread_bars(summaries, &[|s| s.cpu_cores]) {
+        cpu.push((format!("{name} (this run)"), bars));
+    }
+    for (name, bars) in spread_bars(summaries, &[|s| s.rss_avg_mb, |s| s.rss_peak_mb]) {
+        mem.push((format!("{name} (this run)"), bars));
+    }
+    Panels {
+        title: "Against the reference write-up's quoted figures (log scales; ours: median, whiskers min–max)"
+            .into(),
+        panels: vec![
+            BarChart {
+                title: "CPU".into(),
+                y_label: "cores".into(),
+                categories: vec!["CPU (cores)".into()],
+                groups: cpu,
+                log_y: true,
+            },
+            BarChart {
+                title: "Memory".into(),
+                y_label: "MB".into(),
+                categories: vec!["RSS average".into(), "RSS peak".into()],
+                groups: mem,
+                log_y: true,
+            },
+        ],
+    }
+}
+
 /// Draw every chart into `dir`; returns (name, SVG text) in report order.
 fn charts(
     dir: &Path,
     systems: &[SystemRounds],
     summaries: &[SystemSummary],
     rounds: usize,
+    curves: Vec<Series>,
 ) -> anyhow::Result<Vec<(String, String)>> {
     let mut svgs: Vec<(String, String)> = Vec::new();
     let cpu_per_msg = BarChart {
@@ -416,13 +543,11 @@ fn charts(
     let rss = over_time(systems, "Server RSS (MB) over time", "MB", |r| {
         watched(r, |s| s.rss_mb)
     });
-    let throughput = over_time(systems, "Delivered messages per second", "msg/s", |r| {
-        r.result
-            .timeline
-            .iter()
-            .map(|e| (e.t, e.received as f64))
-            .collect()
-    });
+    let throughput = throughput_chart(systems);
+    let percentile_curve = PercentileChart {
+        title: "Latency by percentile (ms, from intended send; every round's log merged)".into(),
+        series: curves,
+    };
     // Seconds with nothing received have no p99 (loadgen writes 0): left out.
     let p99_over_time = over_time(systems, "p99 latency per second (ms)", "ms", |r| {
         r.result
@@ -471,36 +596,7 @@ fn charts(
         ),
         log_y: false,
     };
-    let mut ref_groups: Vec<(String, Vec<Option<Bar>>)> = REFERENCES
-        .iter()
-        .map(|r| {
-            (
-                r.name.to_string(),
-                vec![
-                    Some(Bar::point((r.cpu_cores_low + r.cpu_cores_high) / 2.0)),
-                    r.rss_avg_mb.map(Bar::point),
-                    r.rss_peak_mb.map(Bar::point),
-                ],
-            )
-        })
-        .collect();
-    for (name, bars) in spread_bars(
-        summaries,
-        &[|s| s.cpu_cores, |s| s.rss_avg_mb, |s| s.rss_peak_mb],
-    ) {
-        ref_groups.push((format!("{name} (this run, median)"), bars));
-    }
-    let reference = BarChart {
-        title: "Against the reference write-up's figures (log scale)".into(),
-        y_label: "cores / MB".into(),
-        categories: vec![
-            "CPU (cores)".into(),
-            "RSS average (MB)".into(),
-            "RSS peak (MB)".into(),
-        ],
-        groups: ref_groups,
-        log_y: true,
-    };
+    let reference = reference_chart(summaries);
     svgs.push((
         "cpu_per_msg".into(),
         charts::render(&cpu_per_msg, dir, "cpu_per_msg")?,
@@ -512,6 +608,10 @@ fn charts(
         charts::render(&throughput, dir, "throughput")?,
     ));
     svgs.push(("latency".into(), charts::render(&latency, dir, "latency")?));
+    svgs.push((
+        "latency_percentiles".into(),
+        charts::render(&percentile_curve, dir, "latency_percentiles")?,
+    ));
     svgs.push((
         "p99_over_time".into(),
         charts::render(&p99_over_time, dir, "p99_over_time")?,
@@ -549,7 +649,16 @@ pub fn write(dir: &Path, systems: &[SystemRounds], notes: &RunNotes) -> anyhow::
     charts::register_font()?;
     let summaries: Vec<SystemSummary> = systems.iter().filter_map(SystemSummary::of).collect();
     let ratios = ratios(&summaries);
-    let svgs = charts(dir, systems, &summaries, notes.rounds)?;
+    let (curves, missing_logs) = latency_curves(dir, systems);
+    let svgs = charts(dir, systems, &summaries, notes.rounds, curves)?;
+    let mut missing = notes.missing.clone();
+    missing.extend(missing_logs);
+    for s in systems.iter().filter(|s| s.runs.is_empty()) {
+        missing.push(format!(
+            "{}: no round's result could be read; it is in no table or chart",
+            s.name
+        ));
+    }
 
     let mut md = String::new();
     let _ = writeln!(md, "# sttproxy reproduction report\n");
@@ -569,6 +678,16 @@ pub fn write(dir: &Path, systems: &[SystemRounds], notes: &RunNotes) -> anyhow::
         orders.join("; ")
     );
     let _ = writeln!(md, "{}\n", machine_line(machine));
+    if !missing.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Missing results\n\nThe report is drawn from what could be read; these are left out:\n"
+        );
+        for m in &missing {
+            let _ = writeln!(md, "- {m}");
+        }
+        let _ = writeln!(md);
+    }
     let _ = writeln!(md, "## Summary\n\n{}", summary_table(&summaries));
     let _ = writeln!(md, "{COLUMN_NOTE}\n");
     let mem = memory_lines(&summaries);

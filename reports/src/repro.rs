@@ -3,7 +3,7 @@
 //! same load for a number of rounds, the order rotated each round, and write
 //! the report (medians, ranges and same-round ratios).
 
-mod index;
+pub mod index;
 pub mod pool_metrics;
 pub mod soak;
 mod systems;
@@ -489,22 +489,9 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
 /// Re-render the report of an earlier run from its `runs.json`.
 pub fn rerender(dir: &Path) -> anyhow::Result<()> {
     let index = RunIndex::load(dir)?;
-    let systems = index.systems(dir)?;
-    report::write(dir, &systems, &index.notes)?;
+    let (systems, missing) = index.systems(dir);
+    let mut notes = index.notes;
+    notes.missing.extend(missing);
+    report::write(dir, &systems, &notes)?;
     Ok(())
-}
-
-/// A new empty directory under the system's temporary directory, for tests
-/// that write files.
-#[cfg(test)]
-pub(crate) fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "reports-{name}-{}-{:?}",
-        std::process::id(),
-        std::time::SystemTime::now()
-    ));
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        panic!("creating {}: {e}", dir.display());
-    }
-    dir
 }

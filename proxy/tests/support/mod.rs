@@ -1,10 +1,15 @@
-//! Shared helpers of the proxy's integration tests: echo backends and an
-//! in-process proxy on ephemeral ports, bounded polling, admin scraping over
-//! plain HTTP, WebSocket client helpers, and a raw client for close codes that
-//! tungstenite's client refuses to report (1014).
+//! Shared helpers of the proxy's integration tests, in one place: echo
+//! backends and an in-process proxy on ephemeral ports, bounded polling,
+//! temporary directories (tempfile), admin scraping over plain HTTP,
+//! WebSocket client helpers, and a raw client for close codes that
+//! tungstenite's client refuses to report (1014). `db` adds what the `db_*`
+//! tests need (databases, a forwarder); `tls`, `raw_backend` and `clients`
+//! what theirs do.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod clients;
+pub mod db;
+pub mod listen;
 pub mod raw;
 pub mod raw_backend;
 pub mod tls;
@@ -81,6 +86,31 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// An echo backend's configuration: every message back as it came.
+pub fn echo() -> Config {
+    Config {
+        mode: echo_backend::Mode::Echo,
+        ..Config::default()
+    }
+}
+
+/// A fresh directory for one test's files, removed when dropped (also when
+/// the test panics).
+pub fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("sttproxy-{tag}-"))
+        .tempdir()
+        .expect("creating a temporary directory")
+}
+
+/// Replace `path` with `bytes` atomically (write a sibling, rename it over),
+/// as a deploy does: a reader sees the old file or the new one, never half.
+pub fn replace_file(path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_extension(format!("tmp{}", rand::random::<u32>()));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// Proxy settings for tests: ephemeral ports on 127.0.0.1, short timeouts,
@@ -216,10 +246,7 @@ pub struct HttpResponse {
 impl HttpResponse {
     /// The value of header `name` (case-insensitive), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|line| {
-            let (k, v) = line.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
+        raw::header_in(&self.head, name)
     }
 
     /// Whether the server closes the connection within `limit` after this
@@ -269,13 +296,8 @@ pub async fn http_request(addr: SocketAddr, request: &str) -> HttpResponse {
         let (head, body) = text
             .split_once("\r\n\r\n")
             .unwrap_or_else(|| panic!("malformed HTTP response: {text:?}"));
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status in {head:?}"));
         HttpResponse {
-            status,
+            status: raw::status_of(head),
             head: head.to_string(),
             body: body.to_string(),
             stream,
@@ -645,6 +667,36 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// Once `answered` health pings of backend `b0` were answered, stop its pongs
+/// until `n` of its idle connections are discarded, then answer again (so
+/// replacements stay). The discards must all come within one health round:
+/// health_interval 300 ms (+10 % jitter) + health_timeout 200 ms, plus slack
+/// for a loaded machine; idle connections pinged one after the other would
+/// take a health_timeout each.
+pub async fn silence_until_discarded(h: &Harness, answered: u64, n: u64) {
+    let b = &h.backends[0];
+    eventually(
+        STEP,
+        format_args!("{answered} health pings answered"),
+        || async { b.stats().pings_answered >= answered },
+    )
+    .await;
+    b.set_pong_delay(Duration::from_secs(5));
+    let took = eventually(
+        STEP,
+        format_args!("{n} silent idle connections discarded"),
+        || async { h.pools().await.get("b0", "discarded_total") >= n },
+    )
+    .await;
+    b.set_pong_delay(Duration::ZERO);
+    let bound = Duration::from_millis(330 + 200);
+    let slack = Duration::from_millis(250);
+    assert!(
+        took <= bound + slack,
+        "{n} silent idle connections discarded after {took:?}, bound {bound:?} (+{slack:?} slack)"
+    );
+}
+
 /// The health check's promise, on a harness with one backend `b0` (target 1,
 /// health_interval 300 ms, health_timeout 200 ms), warm: once its backend
 /// stops answering pings, the idle connection is discarded within
@@ -656,20 +708,7 @@ pub async fn a_silent_idle_connection_is_discarded_and_replaced(h: &Harness) {
     })
     .await;
     assert_eq!(b.stats().dials, 1);
-
-    b.set_pong_delay(Duration::from_secs(5));
-    let took = eventually(STEP, "the silent connection discarded", || async {
-        h.pools().await.get("b0", "discarded_total") >= 1
-    })
-    .await;
-    // Answer pings again so the replacement stays.
-    b.set_pong_delay(Duration::ZERO);
-    let bound = Duration::from_millis(330 + 200);
-    let slack = Duration::from_millis(250);
-    assert!(
-        took <= bound + slack,
-        "discarded after {took:?}, bound {bound:?} (+{slack:?} slack)"
-    );
+    silence_until_discarded(h, 1, 1).await;
     eventually(
         STEP,
         "a replacement dialed, live back at target",

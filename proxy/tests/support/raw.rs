@@ -212,11 +212,64 @@ pub struct Upgraded {
 impl Upgraded {
     /// The value of response header `name` (case-insensitive), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
+        header_in(&self.head, name)
     }
+}
+
+/// The value of header `name` (case-insensitive) in an HTTP head, if present.
+pub fn header_in<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The status code of an HTTP response head; a head without one fails the
+/// test (the server answered something that is not HTTP).
+pub fn status_of(head: &str) -> u16 {
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"))
+}
+
+/// A request sent by hand and the head of its answer, with the connection
+/// and whatever arrived past the head (after a 101, the start of the
+/// WebSocket stream).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub head: String,
+    pub stream: TcpStream,
+    pub read_ahead: Vec<u8>,
+}
+
+impl Answer {
+    /// The value of response header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header_in(&self.head, name)
+    }
+}
+
+/// Send `request` verbatim on a new connection to `addr` and read the
+/// answer's head, all within [`super::STEP`].
+pub async fn send_request(addr: SocketAddr, request: &str) -> Answer {
+    super::within(super::STEP, format_args!("an answer from {addr}"), async {
+        let mut stream = TcpStream::connect(addr).await.expect("connecting");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("writing the request");
+        let (buf, end) = read_head(&mut stream).await.expect("reading the head");
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        Answer {
+            status: status_of(&head),
+            head,
+            stream,
+            read_ahead: buf[end..].to_vec(),
+        }
+    })
+    .await
 }
 
 /// The client side of the opening handshake, by hand: send the upgrade

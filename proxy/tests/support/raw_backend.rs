@@ -9,16 +9,15 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use super::listen::{Served, serve};
 use super::raw::{
     OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawFrame, RawMsg, close_code,
     read_frame_from, read_head, server_frame,
@@ -27,9 +26,9 @@ use super::raw::{
 /// A running hand-written backend.
 #[derive(Debug)]
 pub struct RawBackend {
-    addr: SocketAddr,
+    /// Dropped with the backend: ends the accept loop and every connection.
+    served: Served,
     dials: Arc<AtomicU64>,
-    task: JoinHandle<()>,
 }
 
 impl RawBackend {
@@ -40,50 +39,31 @@ impl RawBackend {
         F: Fn(BackendConn) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("binding the raw backend");
-        let addr = listener.local_addr().expect("raw backend address");
         let dials = Arc::new(AtomicU64::new(0));
         let counter = dials.clone();
         let handler = Arc::new(handler);
-        let task = tokio::spawn(async move {
-            // Dropped (and with it every connection task) when the backend is.
-            let mut connections = JoinSet::new();
-            loop {
-                tokio::select! {
-                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                    accepted = listener.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
-                        let index = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                        let handler = handler.clone();
-                        connections.spawn(async move {
-                            match BackendConn::accept(stream, index).await {
-                                Ok(conn) => handler(conn).await,
-                                Err(e) => eprintln!("raw backend: handshake of dial {index} failed: {e}"),
-                            }
-                        });
-                    }
+        let served = serve(move |stream| {
+            let index = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            let handler = handler.clone();
+            async move {
+                match BackendConn::accept(stream, index).await {
+                    Ok(conn) => handler(conn).await,
+                    Err(e) => eprintln!("raw backend: handshake of dial {index} failed: {e}"),
                 }
             }
-        });
-        Self { addr, dials, task }
+        })
+        .await;
+        Self { served, dials }
     }
 
     /// `ws://ADDR`.
     pub fn url(&self) -> String {
-        format!("ws://{}", self.addr)
+        format!("ws://{}", self.served.addr)
     }
 
     /// TCP connections accepted so far.
     pub fn dials(&self) -> u64 {
         self.dials.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for RawBackend {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

@@ -4,46 +4,20 @@
 //! terminated here, bytes relayed to the plain echo backend behind).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::{STEP, Ws, within};
+use super::listen::{Served, serve};
+use super::{STEP, Ws, replace_file, within};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A fresh directory under Cargo's test tmpdir, removed on drop.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(what: &str) -> Self {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "{what}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A test certificate authority.
@@ -136,13 +110,6 @@ impl Leaf {
     }
 }
 
-/// Replace `path` with `bytes` atomically (write a sibling, rename it over).
-pub fn replace_file(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension(format!("tmp{}", rand::random::<u32>()));
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// A TLS connection to `addr` (SNI `localhost`), and the leaf certificate
 /// the server presented.
 pub async fn tls_connect(
@@ -203,39 +170,33 @@ pub async fn connect_wss(
 /// plaintext to a plain backend at `target` (set once it is known). Its
 /// tasks end when it is dropped.
 pub struct TlsFront {
-    addr: SocketAddr,
+    /// Dropped with the front: ends the accept loop and every relay.
+    served: Served,
     target: Arc<OnceLock<SocketAddr>>,
-    task: JoinHandle<()>,
 }
 
 impl TlsFront {
     pub async fn start(config: Arc<rustls::ServerConfig>) -> Self {
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
         let target = Arc::new(OnceLock::<SocketAddr>::new());
         let to = target.clone();
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let task = tokio::spawn(async move {
-            let mut connections = JoinSet::new();
-            loop {
-                tokio::select! {
-                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                    accepted = listener.accept() => {
-                        let Ok((tcp, _)) = accepted else { continue };
-                        let acceptor = acceptor.clone();
-                        let Some(&target) = to.get() else { continue };
-                        connections.spawn(async move {
-                            let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                            let Ok(mut plain) = TcpStream::connect(target).await else { return };
-                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-                        });
-                    }
-                }
+        let served = serve(move |tcp| {
+            let acceptor = acceptor.clone();
+            let target = to.get().copied();
+            async move {
+                // No plain backend yet: the connection is dropped.
+                let Some(target) = target else { return };
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
             }
-        });
-        Self { addr, target, task }
+        })
+        .await;
+        Self { served, target }
     }
 
     /// Relay to the plain backend `ws://ADDR`.
@@ -245,12 +206,6 @@ impl TlsFront {
     }
 
     pub fn url(&self) -> String {
-        format!("wss://{}", self.addr)
-    }
-}
-
-impl Drop for TlsFront {
-    fn drop(&mut self) {
-        self.task.abort();
+        format!("wss://{}", self.served.addr)
     }
 }

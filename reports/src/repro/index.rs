@@ -108,39 +108,51 @@ impl RunIndex {
         serde_json::from_value(value).with_context(|| format!("parsing {}", path.display()))
     }
 
-    /// Every system's rounds, their loadgen results read from `dir`.
-    pub fn systems(&self, dir: &Path) -> anyhow::Result<Vec<SystemRounds>> {
-        self.systems
+    /// Every system's rounds, their loadgen results read from `dir`; and one
+    /// line for each round whose result is missing or unreadable. Such a round
+    /// is left out (the report says so) rather than failing the whole report:
+    /// the other systems' figures are still worth reading.
+    pub fn systems(&self, dir: &Path) -> (Vec<SystemRounds>, Vec<String>) {
+        let mut missing = Vec::new();
+        let systems = self
+            .systems
             .iter()
             .map(|s| {
                 let runs = s
                     .runs
                     .iter()
-                    .map(|r| {
-                        Ok(SystemRun {
+                    .filter_map(|r| match load_result(&dir.join(&r.json)) {
+                        Ok(result) => Some(SystemRun {
                             name: s.name.clone(),
                             round: r.round,
                             position: r.position,
-                            result: load_result(&dir.join(&r.json))?,
+                            result,
                             idle_rss_mb: r.idle_rss_mb,
                             memory: s.memory,
                             pool: r.pool,
-                        })
+                        }),
+                        Err(e) => {
+                            missing.push(format!(
+                                "result of {} round {}: {e:#}; the round is left out",
+                                s.name, r.round
+                            ));
+                            None
+                        }
                     })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                Ok(SystemRounds {
+                    .collect();
+                SystemRounds {
                     name: s.name.clone(),
                     runs,
-                })
+                }
             })
-            .collect()
+            .collect();
+        (systems, missing)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repro::scratch_dir;
 
     #[test]
     fn round_files_are_named_by_system_and_round() {
@@ -149,22 +161,23 @@ mod tests {
 
     #[test]
     fn a_version_1_runs_json_is_refused_with_what_to_do() {
-        let dir = scratch_dir("v1");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let v1 = r#"{"scenario":"quick","command":"cargo repro","systems":[{"name":"sttproxy","json":"sttproxy.json","idle_rss_mb":1.0}],"skipped":[],"notes":[]}"#;
         if let Err(e) = std::fs::write(dir.join("runs.json"), v1) {
             panic!("writing runs.json: {e}");
         }
-        let err = match RunIndex::load(&dir) {
+        let err = match RunIndex::load(dir) {
             Ok(_) => panic!("a version-1 file must be refused"),
             Err(e) => format!("{e:#}"),
         };
         assert!(err.contains("run `cargo repro` again"), "{err}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn an_index_survives_save_and_load() {
-        let dir = scratch_dir("roundtrip");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let index = RunIndex {
             schema: SCHEMA,
             notes: RunNotes {
@@ -177,6 +190,7 @@ mod tests {
                 ],
                 skipped: vec![],
                 notes: vec!["a note".into()],
+                missing: vec![],
             },
             systems: vec![SystemEntry {
                 name: "sttproxy".into(),
@@ -193,10 +207,10 @@ mod tests {
                 }],
             }],
         };
-        if let Err(e) = index.save(&dir) {
+        if let Err(e) = index.save(dir) {
             panic!("saving: {e:#}");
         }
-        let back = match RunIndex::load(&dir) {
+        let back = match RunIndex::load(dir) {
             Ok(b) => b,
             Err(e) => panic!("loading: {e:#}"),
         };
@@ -205,6 +219,5 @@ mod tests {
         assert_eq!(back.notes.notes, ["a note"]);
         assert_eq!(back.systems[0].memory, index.systems[0].memory);
         assert_eq!(back.systems[0].runs[0].json, "sttproxy-r2.json");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -356,7 +356,8 @@ mod tests {
 
     #[test]
     fn fresh_sqlite_db_removes_an_earlier_runs_files_and_only_those() {
-        let dir = crate::repro::scratch_dir("fresh-db");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         for name in [
             "sttproxy.db",
             "sttproxy.db-wal",
@@ -378,6 +379,5 @@ mod tests {
         assert!(dir.join("keep.json").exists());
         // Nothing to remove is no error either.
         assert!(fresh_sqlite_db(&dir).is_ok());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

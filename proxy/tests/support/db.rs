@@ -1,13 +1,12 @@
-//! Shared by the `db_*` integration tests: a temporary SQLite file, a fresh
+//! For the `db_*` integration tests: a SQLite file's URL, a fresh
 //! PostgreSQL database per test (skipped where none answers, unless
 //! `REQUIRE_POSTGRES=1`), echo backends, a proxy in process, a streaming
-//! WebSocket client that checks every echo, raw HTTP to the admin listener,
-//! a TCP forwarder to cut a database off, and bounded polling.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! WebSocket client that checks every echo, the admin listener's `/pools` and
+//! `/metrics` as JSON and numbers, and a TCP forwarder to cut a database off.
+//! Tracing, bounded polling and raw HTTP are the shared ones of `support`.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -26,45 +25,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
+use super::{eventually, http_get};
+
 /// Where CI's PostgreSQL is when `DATABASE_URL` is not set.
 pub const PG_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-/// Logs for tests: `RUST_LOG` honoured (default `warn`).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
-}
-
-/// Run a whole test body within `limit`.
-pub async fn bounded<F: Future>(limit: Duration, f: F) -> F::Output {
-    match tokio::time::timeout(limit, f).await {
-        Ok(out) => out,
-        Err(_) => panic!("test did not finish within {limit:?}"),
-    }
-}
-
-/// Poll `cond` every 10 ms until it holds; panic naming `what` after `limit`.
-/// Returns how long it took.
-pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if cond().await {
-            return started.elapsed();
-        }
-        if started.elapsed() >= limit {
-            panic!("not reached within {limit:?}: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -72,36 +36,9 @@ fn unique() -> u64 {
     COUNTER.fetch_add(1, Ordering::Relaxed)
 }
 
-/// A directory under the system temp dir, removed on drop.
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "sttproxy-{tag}-{}-{}",
-            std::process::id(),
-            unique()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// `sqlite://` URL of a database file in this directory.
-    pub fn sqlite_url(&self, file: &str) -> String {
-        DbUrl::sqlite_file(&self.0.join(file))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// `sqlite://` URL of the database file `file` in `dir`.
+pub fn sqlite_url(dir: &Path, file: &str) -> String {
+    DbUrl::sqlite_file(&dir.join(file))
 }
 
 /// A PostgreSQL database made for one test; [`PgTestDb::drop_db`] removes it.
@@ -289,7 +226,7 @@ pub fn spec(id: &str, url: &str, target: usize, max: usize) -> BackendSpec {
     }
 }
 
-pub async fn echo() -> echo_backend::EchoBackend {
+pub async fn start_echo() -> echo_backend::EchoBackend {
     echo_backend::spawn(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         echo_backend::Config::default(),
@@ -298,31 +235,11 @@ pub async fn echo() -> echo_backend::EchoBackend {
     .unwrap()
 }
 
-/// `GET path` over plain HTTP/1.1: (status, body).
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
-}
-
 /// `GET /pools`, parsed.
 pub async fn pools(admin: SocketAddr) -> Value {
-    let (status, body) = http_get(admin, "/pools").await;
-    assert_eq!(status, 200, "/pools: {body}");
-    serde_json::from_str(&body).unwrap()
+    let r = http_get(admin, "/pools").await;
+    assert_eq!(r.status, 200, "/pools: {}", r.body);
+    serde_json::from_str(&r.body).unwrap()
 }
 
 /// The `/pools` entry of backend `id` among the routed backends.
@@ -351,7 +268,7 @@ pub fn ids(pools: &Value) -> Vec<String> {
 
 /// The value of an unlabelled metric in `/metrics`.
 pub async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
-    let (_, body) = http_get(admin, "/metrics").await;
+    let body = http_get(admin, "/metrics").await.body;
     body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (n, v) = l.split_once(' ')?;
         (n == name).then(|| v.trim().parse().ok()).flatten()
