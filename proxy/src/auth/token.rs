@@ -159,7 +159,40 @@ mod tests {
                 prop_assert!(!t.is_empty());
                 prop_assert_eq!(t, t.trim());
                 prop_assert!(value.to_ascii_lowercase().trim_start().starts_with("bearer "));
+                // What follows the scheme, nothing else.
+                prop_assert!(value.trim_end().ends_with(t));
             }
+        }
+
+        /// A token written after the scheme is found whole, whatever the
+        /// scheme's case and the spaces around it.
+        #[test]
+        fn bearer_finds_the_token_it_was_given(
+            scheme in "[bB][eE][aA][rR][eE][rR]",
+            pad in "[ ]{0,3}",
+            gap in "[ ]{1,3}",
+            token in "[!-~]([ -~]{0,30}[!-~])?",
+        ) {
+            let value = format!("{pad}{scheme}{gap}{token}{pad}");
+            prop_assert_eq!(bearer(&value), Some(token.as_str()));
+        }
+
+        /// The query token is the first `name` parameter's value, decoded,
+        /// and only when that value is not empty; never something the query
+        /// does not hold.
+        #[test]
+        fn the_query_token_is_the_first_named_value(
+            pairs in proptest::collection::vec(
+                (prop_oneof!["access_token", "lang", "[a-z_]{0,6}"], "[ -~]{0,12}"),
+                0..5,
+            ),
+        ) {
+            let query = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&pairs)
+                .finish();
+            let first = pairs.iter().find(|(k, _)| k == "access_token");
+            let expected = first.map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
+            prop_assert_eq!(query_parameter(&query, "access_token"), expected);
         }
     }
 }

@@ -8,7 +8,10 @@
 
 use std::borrow::Cow;
 
+use std::marker::PhantomData;
+
 use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::frame::{self, OP_CLOSE, OP_PING, OP_TEXT};
 use super::output::Output;
@@ -21,16 +24,119 @@ use crate::backend::fence;
 /// single-frame text messages no larger than this); larger text streams through.
 pub(crate) const CONTROL_MAX: u64 = 4096;
 
-/// The keys of a control message the relay reads; others are ignored.
-/// Borrowed where the JSON has no escapes, owned where it has.
-#[derive(Deserialize)]
+/// The keys of a control message the relay reads, with every string value
+/// each was given: a key may be repeated, and JSON parsers differ on which
+/// one counts (serde's derive refuses the object, Python, JavaScript and Go
+/// take the last), so a decision holds only when the values agree. Borrowed
+/// where the JSON has no escapes, owned where it has. Other keys and values
+/// that are not strings are ignored.
+#[derive(Default)]
 struct Control<'a> {
-    #[serde(rename = "type", borrow, default)]
-    kind: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    session: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    fence: Option<Cow<'a, str>>,
+    kinds: Vec<Cow<'a, str>>,
+    sessions: Vec<Cow<'a, str>>,
+    fences: Vec<Cow<'a, str>>,
+}
+
+impl Control<'_> {
+    /// The one value every occurrence of a key agrees on.
+    fn agreed<'s>(values: &'s [Cow<'_, str>]) -> Option<&'s str> {
+        let (first, rest) = values.split_first()?;
+        rest.iter().all(|v| v == first).then_some(first.as_ref())
+    }
+
+    /// `type`, when it has one value.
+    fn kind(&self) -> Option<&str> {
+        Self::agreed(&self.kinds)
+    }
+
+    /// `fence`, when it has one value.
+    fn fence(&self) -> Option<&str> {
+        Self::agreed(&self.fences)
+    }
+
+    /// Whether some reading of `type` is in the `session.` namespace.
+    fn reserved(&self) -> bool {
+        self.kinds.iter().any(|k| k.starts_with("session."))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Control<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Keys<'a> {
+            type Value = Control<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Control<'a>, M::Error> {
+                let mut c = Control::default();
+                while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                    let values = match key.as_deref() {
+                        Some("type") => &mut c.kinds,
+                        Some("session") => &mut c.sessions,
+                        Some("fence") => &mut c.fences,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if let Text(Some(v)) = map.next_value::<Text<'de>>()? {
+                        values.push(v);
+                    }
+                }
+                Ok(c)
+            }
+        }
+        d.deserialize_map(Keys(PhantomData))
+    }
+}
+
+/// A JSON value: its text when it is a string, `None` for anything else.
+struct Text<'a>(Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'a>, E> {
+                Ok(Text(Some(Cow::Owned(v))))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Text<'a>, E> {
+                Ok(Text(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Text<'a>, E> {
+                Ok(Text(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Text<'a>, E> {
+                Ok(Text(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Text<'a>, E> {
+                Ok(Text(None))
+            }
+            fn visit_unit<E>(self) -> Result<Text<'a>, E> {
+                Ok(Text(None))
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut s: S) -> Result<Text<'a>, S::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Text<'a>, M::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
 }
 
 /// Parse a JSON object's control keys; `None` for anything else (data).
@@ -96,8 +202,9 @@ impl Judge for FromClient<'_> {
         // Every JSON object is parsed (client text is control, not the audio
         // stream, so this is rare): a key or value spelled with JSON escapes
         // is still recognized.
-        let kind = control(payload).and_then(|c| c.kind);
-        match kind.as_deref() {
+        let control = control(payload);
+        let reserved = control.as_ref().is_some_and(Control::reserved);
+        match control.as_ref().and_then(Control::kind) {
             Some("session.end") if self.state.fenced => {
                 let end = fence::end_message(&self.state.id, &self.state.token);
                 self.state.client_ended();
@@ -108,7 +215,9 @@ impl Judge for FromClient<'_> {
                 self.state.client_ended();
                 (Verdict::Forward, Flow::Continue)
             }
-            Some(kind) if kind.starts_with("session.") => {
+            // A `type` in the namespace, whichever reading of a repeated
+            // `type` a backend takes.
+            _ if reserved => {
                 self.state.dropped(Dropped::ClientReserved);
                 (Verdict::Drop, Flow::Continue)
             }
@@ -171,12 +280,12 @@ impl Judge for FromBackend<'_> {
         let Some(c) = control(payload) else {
             return (forward, Flow::Continue);
         };
-        if c.session.as_deref().is_some_and(|s| s != st.id) {
+        if c.sessions.iter().any(|s| *s != st.id) {
             st.dropped(Dropped::ForeignSession);
             return (Verdict::Drop, Flow::Continue);
         }
-        if c.kind.as_deref() == Some("session.ended") {
-            if st.fence_pending() && c.fence.as_deref() == Some(st.token.as_str()) {
+        if c.kind() == Some("session.ended") {
+            if st.fence_pending() && c.fence() == Some(st.token.as_str()) {
                 let verdict = if st.client_takes_data() {
                     let ended = fence::ended_message(&st.id);
                     st.counts.to_client.0 += 1;
@@ -276,6 +385,49 @@ mod tests {
             },
         };
         j.message(OP_TEXT, &mut text.as_bytes().to_vec())
+    }
+
+    /// A key repeated in one object: serde's derive refused the object, so
+    /// `{"type":"x","type":"session.start"}` went to the backend as data —
+    /// where Python, JavaScript and Go read the last `type`. Any reading in
+    /// the namespace is now reserved; a `type` that is not a string is no
+    /// reading at all.
+    #[tokio::test]
+    async fn a_repeated_type_is_reserved_if_any_reading_is() {
+        for forged in [
+            r#"{"type":"x","type":"session.start","session":"s2"}"#,
+            r#"{"type":"session.start","type":"x"}"#,
+            r#"{"type":1,"type":"session.start"}"#,
+            r#"{"type":"session.end","type":"session.ended"}"#,
+            r#"{"type":"session.end","type":"partial"}"#,
+        ] {
+            let mut st = state();
+            assert!(
+                matches!(from_client(&mut st, forged), Verdict::Drop),
+                "{forged}"
+            );
+            assert_eq!(st.dropped[Dropped::ClientReserved as usize], 1);
+            assert_eq!(st.client, ClientPhase::Open, "{forged}");
+        }
+        for data in [
+            r#"{"type":"a","type":"b"}"#,
+            r#"{"type":["session.start"],"text":{"type":"session.end"}}"#,
+        ] {
+            let mut st = state();
+            assert!(
+                matches!(from_client(&mut st, data), Verdict::Forward),
+                "{data}"
+            );
+        }
+        // A backend's session.ended names its session and fence once.
+        let mut st = state();
+        st.start_fence();
+        let (v, _) = from_backend(
+            &mut st,
+            r#"{"type":"session.ended","session":"s1","session":"s2","fence":"0123456789abcdef0123456789abcdef"}"#,
+        );
+        assert!(matches!(v, Verdict::Drop));
+        assert_eq!(st.backend, BackendPhase::Fencing);
     }
 
     #[tokio::test]

@@ -768,6 +768,10 @@ where
                     sent: true,
                     received: true,
                 };
+                // A Close still waiting for a frame in flight is given up on
+                // too: the fresh queue below knows no frame in flight, so a
+                // Close sent through it later would land inside that frame.
+                st.close_request = None;
                 // Whatever is still queued is given up on: the socket is shut.
                 self.out_client = Output::default();
                 self.to_client.silence();
@@ -859,6 +863,53 @@ mod tests {
                 _ => {}
             }
         }
+    }
+
+    /// Found by the `relay` fuzz target: a backend stops in the middle of a
+    /// frame, the client goes idle, the idle Close waits for the frame in
+    /// flight, the close deadline gives up on it — and the Close was then
+    /// written anyway, inside the unfinished frame, breaking the client's
+    /// framing. The client must get the cut-short frame and nothing after it.
+    #[tokio::test(start_paused = true)]
+    async fn a_close_given_up_on_is_never_written_into_a_frame_in_flight() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client_io, proxy_client_io) = duplex(1 << 16);
+        let (proxy_backend_io, mut backend_io) = duplex(1 << 16);
+        let mut cut_short = Vec::new();
+        frame::push_frame(&mut cut_short, frame::OP_BINARY, &[9; 9], None);
+        cut_short.pop();
+        backend_io.write_all(&cut_short).await.unwrap();
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let lease = TestLease {
+            conn: BackendConn::new(proxy_backend_io, Vec::new()),
+            ended: tx,
+        };
+        let relay = async move {
+            let mut proxy_side = FrameStream::new(proxy_client_io, Vec::new(), Peer::Client);
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let metrics = Metrics::new(crate::backends::Backends::default());
+            relay(
+                &mut proxy_side,
+                lease,
+                true,
+                "s1",
+                settings(),
+                &shutdown,
+                &metrics,
+            )
+            .await
+        };
+        // The backend stays connected and silent; the client reads to the end.
+        let mut received = Vec::new();
+        let read = client_io.read_to_end(&mut received);
+        let (end, read) = tokio::time::timeout(Duration::from_secs(600), async {
+            tokio::join!(relay, read)
+        })
+        .await
+        .expect("the relay ends");
+        read.unwrap();
+        drop(backend_io);
+        assert_eq!(received, cut_short, "after the cut-short frame: {end:?}");
     }
 
     #[tokio::test]
