@@ -150,6 +150,19 @@ pub enum Error {
     Histogram(String),
 }
 
+/// Sessions open at once at most: all of them without a ramp; with one,
+/// those that arrive within the longest a session lives (its streaming plus
+/// the drain), since sessions arrive at a steady rate over the ramp.
+fn peak_open(sessions: usize, config: &LoadConfig) -> u64 {
+    let n = sessions as u64;
+    if config.ramp.is_zero() {
+        return n;
+    }
+    let life = (config.duration + config.drain_timeout).as_secs_f64();
+    let per_s = n as f64 / config.ramp.as_secs_f64();
+    n.min((per_s * life).ceil() as u64 + 1)
+}
+
 /// File descriptors the generator needs besides one per session.
 const FD_RESERVE: u64 = 16;
 /// Drain allowed after an early stop (capped by `drain_timeout`).
@@ -470,7 +483,7 @@ where
     let mut errors_extra: BTreeMap<String, u64> = BTreeMap::new();
     let fd = procfs::raise_nofile_limit();
     if let Some(fd) = fd {
-        let need = plan.sessions as u64 + FD_RESERVE;
+        let need = peak_open(plan.sessions, &config) + FD_RESERVE;
         if need > fd.soft {
             let short = need - fd.soft;
             warnings.push(format!(
@@ -817,4 +830,24 @@ where
         elapsed_s: sampler::round3(elapsed),
         stopped_early,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_open_counts_only_sessions_that_overlap() {
+        let mut c = LoadConfig::new(vec!["ws://x".into()]);
+        c.duration = Duration::from_secs(50);
+        c.drain_timeout = Duration::from_secs(5);
+        // No ramp: every session at once.
+        assert_eq!(peak_open(57_000, &c), 57_000);
+        // 33 a second for 1750 s, each living up to 55 s: ≈1,800 at once.
+        c.ramp = Duration::from_secs(1750);
+        assert_eq!(peak_open(57_750, &c), 1816);
+        // A ramp shorter than a life: all of them again.
+        c.ramp = Duration::from_secs(10);
+        assert_eq!(peak_open(500, &c), 500);
+    }
 }

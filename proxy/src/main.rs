@@ -279,14 +279,41 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+/// The signals `serve` handles, registered before the proxy starts so that
+/// none arriving early takes its default action (for SIGHUP: killing the
+/// process, which a `systemctl reload` on a proxy without TLS would do).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hangup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
     }
-    Ok(())
+
+    /// Until SIGTERM or SIGINT. SIGHUP reloads the TLS certificate (the
+    /// listener's own handler does that); without TLS there is nothing to
+    /// reload, and it is logged and otherwise ignored.
+    async fn shutdown(&mut self, tls: bool) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return Ok(()),
+                r = tokio::signal::ctrl_c() => return r.context("waiting for SIGINT"),
+                _ = self.hangup.recv() => {
+                    if tls {
+                        tracing::info!("SIGHUP: reloading the TLS certificate");
+                    } else {
+                        tracing::info!("SIGHUP ignored: without tls_cert there is nothing to reload");
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -297,6 +324,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Ok(n) => tracing::debug!(nofile = n, "file descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
     }
+    let mut signals = Signals::install()?;
     let proxy = sttproxy::Proxy::start(&settings).await?;
     {
         let mut out = std::io::stdout().lock();
@@ -310,7 +338,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         out.flush()?;
     }
     tracing::info!(backends = proxy.backends().all().len(), "serving");
-    shutdown_signal().await?;
+    signals.shutdown(proxy.is_tls()).await?;
     tracing::info!(grace = ?settings.shutdown_grace, "shutting down");
     proxy.shutdown().await;
     tracing::info!("stopped");

@@ -757,6 +757,66 @@ async fn exhausted_pool_waits_then_1013_or_takes_a_released_connection() {
 
 // ---------------------------------------------------------------- (g) SIGTERM
 
+/// SIGHUP to the real binary without TLS (a `systemctl reload`): nothing to
+/// reload, so it is logged and ignored — an open session streams on, new
+/// sessions are served, and SIGTERM still ends the process with status 0.
+/// Without a handler, SIGHUP's default action would kill it on the spot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_tls_is_ignored() {
+    bounded(TEST_LIMIT, async {
+        support::init_tracing();
+        let backend = echo_backend::spawn("127.0.0.1:0".parse().unwrap(), echo())
+            .await
+            .unwrap();
+        let args: Vec<String> = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--target-size",
+            "2",
+            "--shutdown-grace",
+            "1s",
+            "--backend",
+            &backend.url(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut proxy = ProxyProcess::spawn(&args).await;
+        let url = format!("ws://{}/v1/stream", proxy.listen);
+        let mut open = connect(&url).await;
+        expect_started(&mut open).await;
+
+        proxy.signal("HUP");
+        eventually(STEP, "the SIGHUP logged", || async {
+            proxy.stderr_log().contains("SIGHUP ignored")
+        })
+        .await;
+        assert!(
+            matches!(proxy.child.try_wait(), Ok(None)),
+            "the proxy exited on SIGHUP"
+        );
+        let msg = Message::text("after the hangup");
+        open.send(msg.clone()).await.unwrap();
+        assert_eq!(support::recv_data(&mut open).await, msg);
+        let mut fresh = connect(&url).await;
+        expect_started(&mut fresh).await;
+        fresh.send(msg.clone()).await.unwrap();
+        assert_eq!(support::recv_data(&mut fresh).await, msg);
+        drop((open, fresh));
+
+        proxy.sigterm();
+        let status = tokio::task::spawn_blocking(move || proxy.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "exit after SIGTERM: {status}");
+        backend.shutdown().await;
+    })
+    .await;
+}
+
 /// The real binary with 50 open sessions gets SIGTERM: /readyz turns 503 at
 /// once, new clients are turned away, sessions that end within the grace end
 /// with session.ended and 1000, the rest get 1001 when the grace is over, and

@@ -139,12 +139,37 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     }
 }
 
+/// What a client or backend text is to the relay.
+enum Reading<'a> {
+    /// Not a JSON object: data.
+    Data,
+    /// A JSON object, read strictly (RFC 8259).
+    Object(Control<'a>),
+    /// Opens a JSON object that a strict parser refuses but a lenient one
+    /// might read, and might read as a control message: it mentions
+    /// `session`, or holds a backslash that could spell it (Python's `json`
+    /// takes `NaN` and `Infinity`, JSON5 takes unquoted keys, single quotes
+    /// and `\x73` escapes).
+    Ambiguous,
+}
+
+fn read(text: &[u8]) -> Reading<'_> {
+    if !text.trim_ascii_start().starts_with(b"{") {
+        return Reading::Data;
+    }
+    match serde_json::from_slice(text) {
+        Ok(control) => Reading::Object(control),
+        Err(_) if contains(text, b"session") || text.contains(&b'\\') => Reading::Ambiguous,
+        Err(_) => Reading::Data,
+    }
+}
+
 /// Parse a JSON object's control keys; `None` for anything else (data).
 fn control(text: &[u8]) -> Option<Control<'_>> {
-    if !text.trim_ascii_start().starts_with(b"{") {
-        return None;
+    match read(text) {
+        Reading::Object(control) => Some(control),
+        Reading::Data | Reading::Ambiguous => None,
     }
-    serde_json::from_slice(text).ok()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -202,8 +227,16 @@ impl Judge for FromClient<'_> {
         // Every JSON object is parsed (client text is control, not the audio
         // stream, so this is rare): a key or value spelled with JSON escapes
         // is still recognized.
-        let control = control(payload);
-        let reserved = control.as_ref().is_some_and(Control::reserved);
+        let (control, reserved) = match read(payload) {
+            Reading::Object(control) => {
+                let reserved = control.reserved();
+                (Some(control), reserved)
+            }
+            // The backend's parser may be lenient: what it might read as a
+            // control message is treated as one in the namespace.
+            Reading::Ambiguous => (None, true),
+            Reading::Data => (None, false),
+        };
         match control.as_ref().and_then(Control::kind) {
             Some("session.end") if self.state.fenced => {
                 let end = fence::end_message(&self.state.id, &self.state.token);
@@ -437,6 +470,11 @@ mod tests {
             r#"{"session":"s1","type":"session.ended","fence":"guess"}"#,
             r#"{"type":"session\u002eended","session":"s1"}"#,
             r#"{"\u0074ype":"session.start","session":"s2"}"#,
+            // Not JSON to a strict parser, a control message to a lenient one.
+            r#"{"type":"session.start","x":NaN}"#,
+            r#"{type:'session.start'}"#,
+            r#"{"type":"\x73ession.start"}"#,
+            r#"{"type":"s\u0065ssion.start","x":Infinity}"#,
         ] {
             let mut st = state();
             assert!(
@@ -451,6 +489,16 @@ mod tests {
             from_client(&mut st, r#"{"type":"partial","text":"session.end"}"#),
             Verdict::Forward
         ));
+        // Text that is no JSON object, or a broken one nothing could read as
+        // a control message, is data.
+        for data in [
+            "session.start, said the user",
+            r#"[{"type":"session.start"}]"#,
+            r#"{"level":NaN}"#,
+        ] {
+            assert!(matches!(from_client(&mut st, data), Verdict::Forward), "{data}");
+        }
+        assert_eq!(st.dropped[Dropped::ClientReserved as usize], 0);
         // An escaped session.end is still the end, and becomes the fenced one.
         let Verdict::Replace(end) = from_client(&mut st, r#"{"type":"session\u002eend"}"#) else {
             panic!("session.end not recognized");

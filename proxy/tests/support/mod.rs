@@ -642,13 +642,18 @@ impl ProxyProcess {
 
     /// Send SIGTERM (with kill(1), so the tests need no unsafe code).
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Send signal `name` (`TERM`, `HUP`, ...) with kill(1).
+    pub fn signal(&self, name: &str) {
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
-            .expect("running kill -TERM");
+            .expect("running kill");
         assert!(
             status.success(),
-            "kill -TERM {} failed: {status}",
+            "kill -{name} {} failed: {status}",
             self.pid()
         );
     }
