@@ -1,7 +1,10 @@
 //! The deployment files in `deploy/` against the proxy they deploy (issue 13):
 //! a proxy on 127.0.0.1 (backend table `sqlite::memory:`, so the table-sync
-//! metrics exist too) runs one session through an echo backend, so the
-//! labelled series exist, then
+//! metrics exist too) runs a session through an echo backend, drops a
+//! reserved client message, refuses an upgrade and rate-limits a client, and
+//! a second one with TLS answers a plain HTTP request and reloads its
+//! certificate, so that every labelled family is in `/metrics` (a family
+//! appears once counted); then
 //!
 //! - every `sttproxy_*` name in the Grafana dashboard (queries, template
 //!   variables, descriptions) must be a series of its `/metrics` scrape:
@@ -30,8 +33,10 @@ use serde_json::Value;
 use sttproxy::config::Settings;
 use tokio_tungstenite::tungstenite::Message;
 
+use support::tls::TestCa;
 use support::{
-    Harness, TEST_LIMIT, bounded, connect, echo, end_session, expect_started, http_get, recv_data,
+    Harness, STEP, TEST_LIMIT, bounded, connect, echo, end_session, eventually, expect_started,
+    http_get, http_request, recv_data, temp_dir,
 };
 
 /// Beyond `shutdown_grace`: sessions notice the deadline within 1 s, then
@@ -143,7 +148,12 @@ fn value_of<'a>(text: &'a str, after: Option<&str>, key: &str, sep: char) -> &'a
             .unwrap_or_else(|| panic!("no line with {anchor:?}"));
     }
     lines
-        .find_map(|l| l.trim_start().strip_prefix(key)?.trim_start().strip_prefix(sep))
+        .find_map(|l| {
+            l.trim_start()
+                .strip_prefix(key)?
+                .trim_start()
+                .strip_prefix(sep)
+        })
         .map(str::trim)
         .unwrap_or_else(|| panic!("no {key}{sep} line"))
 }
@@ -156,21 +166,89 @@ fn settings_file(rel: &str) -> Settings {
     s
 }
 
+/// The names of a proxy with TLS, after a plain HTTP request on its TLS
+/// port (`tls_handshakes`) and a replaced certificate (`tls_reloads`).
+async fn tls_names() -> BTreeSet<String> {
+    let ca = TestCa::new("deploy files CA");
+    let dir = temp_dir("deploy-tls");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    ca.leaf(&["localhost", "127.0.0.1"], 1).write(&cert, &key);
+    let h = Harness::start(1, echo(), |s| {
+        s.tls_cert = Some(cert.clone());
+        s.tls_key = Some(key.clone());
+        s.tls_reload_interval = Duration::from_millis(50);
+    })
+    .await;
+    let plain = http_get(h.listen, "/v1/stream").await;
+    assert_eq!(plain.status, 400, "plain HTTP on the TLS port: {plain:?}");
+    ca.leaf(&["localhost", "127.0.0.1"], 2).write(&cert, &key);
+    eventually(STEP, "the replaced certificate reloaded", || async {
+        h.metrics()
+            .await
+            .count(r#"sttproxy_tls_reloads_total{outcome="ok"}"#)
+            >= 1.0
+    })
+    .await;
+    let scrape = http_get(h.admin, "/metrics").await;
+    assert_eq!(scrape.status, 200);
+    h.stop().await;
+    exported_names(&scrape.body)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_files_match_the_running_proxy() {
     bounded(TEST_LIMIT, async {
-        let h = Harness::start(1, echo(), |s| s.db = Some("sqlite::memory:".into())).await;
+        let h = Harness::start(1, echo(), |s| {
+            s.db = Some("sqlite::memory:".into());
+            s.max_client_messages_per_second = 5;
+            s.rate_limit_burst = Duration::from_secs(1);
+        })
+        .await;
         h.wait_warm().await;
 
-        // One session, so the labelled series (outcome, direction, backend) exist.
+        // A labelled family appears in /metrics once counted: one session
+        // (outcome, direction, backend), a client text in the reserved
+        // namespace (relay_dropped), a refused upgrade, a client past its
+        // message rate; and, on a second proxy with TLS, a plain HTTP request
+        // on its TLS port and a certificate reload.
         let mut ws = connect(&h.ws_url()).await;
         let id = expect_started(&mut ws).await;
+        ws.send(Message::text(r#"{"type":"session.bogus"}"#))
+            .await
+            .unwrap();
         ws.send(Message::binary(vec![1u8; 320])).await.unwrap();
         assert_eq!(recv_data(&mut ws).await, Message::binary(vec![1u8; 320]));
         end_session(&mut ws, &id).await;
+        let refused = http_request(
+            h.listen,
+            &format!(
+                "GET /v1/stream HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Version: 12\r\n\r\n",
+                h.listen
+            ),
+        )
+        .await;
+        assert_eq!(refused.status, 426, "{refused:?}");
+        let mut flood = connect(&h.ws_url()).await;
+        expect_started(&mut flood).await;
+        for _ in 0..40 {
+            if flood.send(Message::binary(vec![2u8; 16])).await.is_err() {
+                break;
+            }
+        }
+        eventually(STEP, "a session closed for its message rate", || async {
+            h.metrics()
+                .await
+                .count(r#"sttproxy_rate_limited_total{limit="messages"}"#)
+                >= 1.0
+        })
+        .await;
+        drop(flood);
         let scrape = http_get(h.admin, "/metrics").await;
         assert_eq!(scrape.status, 200);
-        let exported = exported_names(&scrape.body);
+        let mut exported = exported_names(&scrape.body);
+        exported.extend(tls_names().await);
         for expected in [
             "sttproxy_sessions_total",
             "sttproxy_acquire_wait_seconds_bucket",
