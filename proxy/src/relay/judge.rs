@@ -496,7 +496,10 @@ mod tests {
             r#"[{"type":"session.start"}]"#,
             r#"{"level":NaN}"#,
         ] {
-            assert!(matches!(from_client(&mut st, data), Verdict::Forward), "{data}");
+            assert!(
+                matches!(from_client(&mut st, data), Verdict::Forward),
+                "{data}"
+            );
         }
         assert_eq!(st.dropped[Dropped::ClientReserved as usize], 0);
         // An escaped session.end is still the end, and becomes the fenced one.
