@@ -628,14 +628,16 @@ fn judge(
         .rss_mb_per_min
         .map(|s| s * plan.duration_s as f64 / 60.0);
     let limit = (0.10 * slopes.mean_rss_mb).max(4.0);
-    // Fewer than 6 samples (30 s) of steady state carry no slope worth a
-    // verdict: such a run says so instead of passing or failing the rule.
-    let judged = slopes.samples >= 6;
+    // A slope over less than 5 minutes (60 samples) of steady state mostly
+    // measures the allocator reaching its working size (a 160 s soak's
+    // 60 s window showed +1.1 to +1.8 MB/min where the 30-minute runs show
+    // +0.02): such a run reports the slope but does not judge it.
+    let judged = slopes.samples >= 60;
     checks.push(Check::new(
         if judged {
             "RSS flat over the steady part"
         } else {
-            "RSS flat over the steady part (not judged: the steady part is under 30 s)"
+            "RSS flat over the steady part (not judged: the steady part is under 5 minutes)"
         },
         !judged || drift.is_some_and(|d| d <= limit),
         format!(
