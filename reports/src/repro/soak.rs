@@ -32,7 +32,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::pool_metrics::Scrape;
-use super::systems::fresh_sqlite_db;
+use super::systems::{backends_cli, fresh_sqlite_db};
 use crate::procs::{Proc, free_port};
 use crate::results::load_result;
 use misbehave::Kind;
@@ -173,19 +173,7 @@ impl Harness {
     }
 
     fn backends_cli(&self, args: &[&str]) -> anyhow::Result<()> {
-        let mut cmd = Command::new(self.bin.join("sttproxy"));
-        cmd.arg("backends").args(args).args(["--db", &self.db]);
-        let log = "sttproxy-backends";
-        let status = Proc::spawn(log, cmd, &self.out)?.wait(Duration::from_secs(30))?;
-        if !status.success() {
-            let err =
-                std::fs::read_to_string(self.out.join(format!("{log}.err"))).unwrap_or_default();
-            bail!(
-                "sttproxy backends {args:?} failed ({status}): {}",
-                err.trim()
-            );
-        }
-        Ok(())
+        backends_cli(&self.bin, &self.out, &self.db, args)
     }
 
     fn sample(&self, t: f64) -> anyhow::Result<(Sample, Scrape)> {

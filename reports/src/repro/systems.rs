@@ -91,6 +91,24 @@ fn wait_warm(admin: SocketAddr, backends: usize, timeout: Duration) -> anyhow::R
 }
 
 /// A system started for the whole measurement.
+/// `sttproxy backends ARGS --db DB` (the binary in `bin`), its output in
+/// `out/sttproxy-backends.{out,err}`; an error carries what it printed.
+pub(super) fn backends_cli(bin: &Path, out: &Path, db: &str, args: &[&str]) -> anyhow::Result<()> {
+    let mut cmd = Command::new(bin.join("sttproxy"));
+    cmd.arg("backends").args(args).args(["--db", db]);
+    let log = "sttproxy-backends";
+    let status = Proc::spawn(log, cmd, out)?.wait(Duration::from_secs(30))?;
+    if !status.success() {
+        let err = std::fs::read_to_string(out.join(format!("{log}.err"))).unwrap_or_default();
+        bail!(
+            "sttproxy backends {} failed ({status}): {}",
+            args.join(" "),
+            err.trim()
+        );
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 pub(super) struct Running {
     pub name: &'static str,
@@ -252,21 +270,13 @@ impl Env {
     /// `sttproxy backends add` one backend to the table in `db`.
     fn add_backend(&self, db: &str, url: &str) -> anyhow::Result<()> {
         let target = self.sttproxy_target();
-        let mut cmd = Command::new(self.binary("sttproxy"));
-        cmd.args(["backends", "add", "--db", db, "--url", url])
-            .args(["--target", &target.to_string()])
-            .args(["--max", &(target * 2).to_string()]);
-        let log = "sttproxy-backends-add";
-        let status = Proc::spawn(log, cmd, &self.out)?.wait(Duration::from_secs(30))?;
-        if !status.success() {
-            let err =
-                std::fs::read_to_string(self.out.join(format!("{log}.err"))).unwrap_or_default();
-            bail!(
-                "sttproxy backends add --url {url} failed ({status}): {}",
-                err.trim()
-            );
-        }
-        Ok(())
+        let (target, max) = (target.to_string(), (target * 2).to_string());
+        backends_cli(
+            &self.bin,
+            &self.out,
+            db,
+            &["add", "--url", url, "--target", &target, "--max", &max],
+        )
     }
 
     /// Start the Python baseline; its idle RSS once ready is its warm-pool base
