@@ -513,7 +513,10 @@ impl Conn<'_> {
     fn on_control(&mut self, control: Control) {
         let now = Instant::now();
         match control {
-            Control::Start { session } => {
+            Control::Start {
+                session,
+                resume_from,
+            } => {
                 if let Some(open) = &self.session {
                     warn!(
                         "session.start for {session:?} while {:?} is open: the proxy did not \
@@ -522,9 +525,13 @@ impl Conn<'_> {
                     );
                 }
                 bump(&self.shared.counters.sessions_started);
+                if resume_from.is_some() {
+                    bump(&self.shared.counters.sessions_resumed);
+                }
                 let reply = protocol::started(&session);
                 let stt = &self.shared.config.stt;
-                self.session = Some(Stream::new(Some(session), stt, &mut self.rng));
+                let from = resume_from.unwrap_or(0);
+                self.session = Some(Stream::resumed(Some(session), from, stt, &mut self.rng));
                 self.limit_at = match self.shared.config.mode {
                     Mode::Stt => stt.session_time_limit.map(|d| now + d),
                     Mode::Echo => None,

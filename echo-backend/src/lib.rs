@@ -267,6 +267,8 @@ pub struct Stats {
     pub dials: u64,
     /// `session.start` messages handled.
     pub sessions_started: u64,
+    /// Of those, sessions taken over from another backend (`resume`).
+    pub sessions_resumed: u64,
     /// `session.ended` replies sent.
     pub sessions_ended: u64,
     /// Data messages received (control messages excluded).
@@ -296,11 +298,12 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "dials={} sessions_started={} sessions_ended={} messages_in={} messages_out={} \
-             pings_answered={} dropped_messages={} rejected_503={} rejected_429={} \
-             inference_errors={} time_limits={}",
+            "dials={} sessions_started={} sessions_resumed={} sessions_ended={} messages_in={} \
+             messages_out={} pings_answered={} dropped_messages={} rejected_503={} \
+             rejected_429={} inference_errors={} time_limits={}",
             self.dials,
             self.sessions_started,
+            self.sessions_resumed,
             self.sessions_ended,
             self.messages_in,
             self.messages_out,
@@ -318,6 +321,7 @@ impl fmt::Display for Stats {
 struct Counters {
     dials: AtomicU64,
     sessions_started: AtomicU64,
+    sessions_resumed: AtomicU64,
     sessions_ended: AtomicU64,
     messages_in: AtomicU64,
     messages_out: AtomicU64,
@@ -337,6 +341,7 @@ impl Counters {
         Stats {
             dials: get(&self.dials),
             sessions_started: get(&self.sessions_started),
+            sessions_resumed: get(&self.sessions_resumed),
             sessions_ended: get(&self.sessions_ended),
             messages_in: get(&self.messages_in),
             messages_out: get(&self.messages_out),

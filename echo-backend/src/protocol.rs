@@ -20,6 +20,9 @@ const CONTROL_MARKER: &str = r#""session."#;
 pub(crate) enum Control {
     Start {
         session: String,
+        /// `resume.from_bytes`: the session was taken over from another
+        /// backend, and its audio resumes at this offset.
+        resume_from: Option<u64>,
     },
     End {
         session: Option<String>,
@@ -36,6 +39,13 @@ struct RawControl<'a> {
     session: Option<String>,
     #[serde(default)]
     fence: Option<Value>,
+    #[serde(default)]
+    resume: Option<RawResume>,
+}
+
+#[derive(Deserialize)]
+struct RawResume {
+    from_bytes: u64,
 }
 
 /// Recognizes a control message: a text message that parses as a JSON object whose `type`
@@ -53,6 +63,7 @@ pub(crate) fn parse_control(text: &str) -> Option<Control> {
     match raw.kind.as_ref() {
         "session.start" => Some(Control::Start {
             session: raw.session.unwrap_or_default(),
+            resume_from: raw.resume.map(|r| r.from_bytes),
         }),
         "session.end" => Some(Control::End {
             session: raw.session,
@@ -111,6 +122,12 @@ struct Event<'a> {
     utterance: Option<u64>,
     audio_start_ms: u64,
     audio_end_ms: u64,
+    /// The audio this result reaches, in bytes (the proxy's failover offsets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end_bytes: Option<u64>,
+    /// Every result for the audio before this byte has been sent (finals).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     queue_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -161,6 +178,8 @@ pub(crate) fn result(session: Option<&str>, step: &Step, queue_ms: u64, text: &s
         utterance: Some(step.utterance),
         audio_start_ms: step.audio_start_ms,
         audio_end_ms: step.audio_end_ms,
+        end_bytes: Some(step.end_bytes),
+        ack_bytes: (step.kind == Kind::Final).then_some(step.end_bytes),
         queue_ms: Some(queue_ms),
         text: Some(text),
         message: None,
@@ -184,6 +203,8 @@ pub(crate) fn inference_failed(session: Option<&str>, step: &Step, queue_ms: u64
         utterance: Some(step.utterance),
         audio_start_ms: step.audio_start_ms,
         audio_end_ms: step.audio_end_ms,
+        end_bytes: Some(step.end_bytes),
+        ack_bytes: (step.kind == Kind::Final).then_some(step.end_bytes),
         queue_ms: Some(queue_ms),
         text: None,
         message: Some(&message),
@@ -204,6 +225,8 @@ pub(crate) fn time_limit(session: &str, audio_ms: u64, limit_ms: u64) -> String 
         utterance: None,
         audio_start_ms: audio_ms,
         audio_end_ms: audio_ms,
+        end_bytes: None,
+        ack_bytes: None,
         queue_ms: None,
         text: None,
         message: Some(&message),
@@ -220,7 +243,8 @@ mod tests {
         assert_eq!(
             parse_control(r#"{"type":"session.start","session":"a1","params":{"lang":"de"}}"#),
             Some(Control::Start {
-                session: "a1".into()
+                session: "a1".into(),
+                resume_from: None,
             })
         );
         assert_eq!(
@@ -258,7 +282,8 @@ mod tests {
         assert_eq!(
             parse_control(r#" { "params":{}, "session":"b", "type" : "session.start" }"#),
             Some(Control::Start {
-                session: "b".into()
+                session: "b".into(),
+                resume_from: None,
             })
         );
     }
@@ -286,6 +311,7 @@ mod tests {
             utterance: 1,
             audio_start_ms: 500,
             audio_end_ms: 620,
+            end_bytes: 19_850,
         };
         let v: serde_json::Value =
             serde_json::from_str(&result(Some("s\"x"), &step, 7, &text(&step))).unwrap();
@@ -295,6 +321,8 @@ mod tests {
         assert_eq!(v["utterance"], 1);
         assert_eq!(v["audio_start_ms"], 500);
         assert_eq!(v["audio_end_ms"], 620);
+        assert_eq!(v["end_bytes"], 19_850);
+        assert!(v.get("ack_bytes").is_none(), "a partial acknowledges nothing");
         assert_eq!(v["queue_ms"], 7);
         assert!(v["text"].is_string());
         let v: serde_json::Value = serde_json::from_str(&result(None, &step, 0, "t")).unwrap();
@@ -306,6 +334,7 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&result(Some("x"), &fin, 0, &closing_text(2, 20))).unwrap();
         assert_eq!(v["type"], "final");
+        assert_eq!(v["ack_bytes"], 19_850, "a final acknowledges its audio");
         assert_eq!(v["seq"], 3);
         assert_eq!(v["text"], "final: 2 chunks, 20 bytes");
         let v: serde_json::Value =

@@ -32,6 +32,10 @@ pub(crate) struct Step {
     pub(crate) utterance: u64,
     pub(crate) audio_start_ms: u64,
     pub(crate) audio_end_ms: u64,
+    /// The audio the result reaches in bytes: all bytes heard for a partial, the pause's
+    /// offset for a final (`audio_end_ms` × `bytes_per_ms`). A final acknowledges the audio
+    /// before it (`ack_bytes`, docs/failover.md).
+    pub(crate) end_bytes: u64,
 }
 
 /// One session's audio stream (or the audio received outside any session, `id: None`).
@@ -65,15 +69,32 @@ fn draw_utterance(stt: &Stt, rng: &mut SmallRng) -> Option<u64> {
 
 impl Stream {
     pub(crate) fn new(id: Option<String>, stt: &Stt, rng: &mut SmallRng) -> Self {
+        Self::resumed(id, 0, stt, rng)
+    }
+
+    /// A session taken over from another backend (`resume.from_bytes`): its audio resumes
+    /// at `from_bytes`, where a final of the other backend ended, so offsets carry on and
+    /// a new utterance starts there.
+    pub(crate) fn resumed(
+        id: Option<String>,
+        from_bytes: u64,
+        stt: &Stt,
+        rng: &mut SmallRng,
+    ) -> Self {
+        let start_ms = from_bytes / stt.bytes_per_ms.max(1);
+        let next_partial_ms = match stt.partial_every.map(millis) {
+            Some(every) if every > 0 => (start_ms / every + 1).saturating_mul(every),
+            _ => 0,
+        };
         Self {
             id,
-            bytes: 0,
+            bytes: from_bytes,
             chunks: 0,
             seq: 0,
             utterance: 0,
-            utterance_start_ms: 0,
-            utterance_end_ms: draw_utterance(stt, rng),
-            next_partial_ms: stt.partial_every.map_or(0, millis),
+            utterance_start_ms: start_ms,
+            utterance_end_ms: draw_utterance(stt, rng).map(|d| start_ms.saturating_add(d)),
+            next_partial_ms,
             stopped: false,
         }
     }
@@ -103,7 +124,7 @@ impl Stream {
         while let Some(end) = self.utterance_end_ms
             && end <= now_ms
         {
-            steps.push(self.final_until(end));
+            steps.push(self.final_until(end, stt));
             let next = draw_utterance(stt, rng).unwrap_or(u64::MAX);
             self.utterance_end_ms = Some(end.saturating_add(next));
         }
@@ -126,6 +147,7 @@ impl Stream {
                 utterance: self.utterance,
                 audio_start_ms: self.utterance_start_ms,
                 audio_end_ms: now_ms,
+                end_bytes: self.bytes,
             });
             self.seq += 1;
         }
@@ -136,7 +158,10 @@ impl Stream {
     /// the time limit).
     pub(crate) fn finish(&mut self, stt: &Stt) -> Step {
         let end = self.audio_ms(stt);
-        self.final_until(end)
+        let mut step = self.final_until(end, stt);
+        // The session's last final covers every byte heard.
+        step.end_bytes = self.bytes;
+        step
     }
 
     /// Whether the current utterance has audio not covered by a final yet.
@@ -144,13 +169,14 @@ impl Stream {
         self.audio_ms(stt) > self.utterance_start_ms
     }
 
-    fn final_until(&mut self, end: u64) -> Step {
+    fn final_until(&mut self, end: u64, stt: &Stt) -> Step {
         let step = Step {
             kind: Kind::Final,
             seq: self.seq,
             utterance: self.utterance,
             audio_start_ms: self.utterance_start_ms,
             audio_end_ms: end,
+            end_bytes: end.saturating_mul(stt.bytes_per_ms.max(1)).min(self.bytes),
         };
         self.utterance += 1;
         self.utterance_start_ms = end;
@@ -185,6 +211,7 @@ mod tests {
                     utterance: 0,
                     audio_start_ms: 0,
                     audio_end_ms: (seq + 1) * 10,
+                    end_bytes: (seq + 1) * 320,
                 }]
             );
         }
@@ -264,5 +291,29 @@ mod tests {
         s.stopped = true;
         assert!(s.audio(32, &stt, &mut rng).is_empty());
         assert_eq!(s.chunks, 2);
+    }
+
+    #[test]
+    fn a_resumed_stream_carries_the_offsets_on() {
+        let stt = Stt {
+            utterance: Some((Duration::from_millis(100), Duration::from_millis(100))),
+            ..Stt::default()
+        };
+        let mut rng = rng();
+        // Resumed at 2 s of audio (64,000 bytes): a new utterance starts there.
+        let mut s = Stream::resumed(Some("a".into()), 64_000, &stt, &mut rng);
+        let steps = s.audio(3_200 + 320, &stt, &mut rng);
+        let fin = steps[0];
+        assert_eq!(
+            (fin.kind, fin.audio_start_ms, fin.audio_end_ms, fin.end_bytes),
+            (Kind::Final, 2_000, 2_100, 67_200)
+        );
+        let partial = steps[1];
+        assert_eq!(
+            (partial.kind, partial.audio_start_ms, partial.end_bytes),
+            (Kind::Partial, 2_100, 67_520)
+        );
+        let last = s.finish(&stt);
+        assert_eq!((last.audio_start_ms, last.end_bytes), (2_100, 67_520));
     }
 }

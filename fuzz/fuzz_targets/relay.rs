@@ -233,6 +233,7 @@ fuzz_target!(|data: &[u8]| {
                 settings(),
                 &shutdown,
                 &metrics,
+                None,
             )
             .await;
             drop(side);

@@ -292,6 +292,7 @@ fn session(b: Bench) -> Leftovers {
             settings(),
             &shutdown,
             &metrics,
+            None,
         )
         .await;
         (end, c.await.unwrap(), s.await.unwrap())

@@ -86,7 +86,9 @@ enum BackendsCommand {
         #[arg(long, value_name = "W", default_value_t = 1)]
         weight: u32,
         /// fenced: sessions fenced with session.start/session.end, connections
-        /// reused; none: each pre-warmed connection carries one session.
+        /// reused; resumable: fenced, and the backend speaks `resume`, so its
+        /// sessions fail over to other resumable backends (docs/failover.md);
+        /// none: each pre-warmed connection carries one session.
         #[arg(long, value_enum, default_value_t = Reuse::Fenced)]
         reuse: Reuse,
     },

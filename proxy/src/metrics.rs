@@ -67,6 +67,10 @@ pub struct Metrics {
     pub tls_reloads: Family<OutcomeLabel, Counter>,
     pub acquire_wait_seconds: Histogram,
     pub session_seconds: Histogram,
+    /// Attempts to move a session to another backend, by outcome.
+    pub failovers: Family<OutcomeLabel, Counter>,
+    /// From a backend's failure to the takeover's lease (docs/failover.md).
+    pub failover_pause_seconds: Histogram,
     registry: Registry,
 }
 
@@ -108,6 +112,8 @@ impl Metrics {
             tls_reloads: Family::default(),
             acquire_wait_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             session_seconds: Histogram::new(exponential_buckets(0.1, 4.0, 10)),
+            failovers: Family::default(),
+            failover_pause_seconds: Histogram::new(exponential_buckets(0.0005, 3.0, 10)),
             registry: Registry::default(),
         };
         registry.register(
@@ -152,7 +158,8 @@ impl Metrics {
             "Messages dropped by the relay, by reason (client_reserved: client text in the \
              reserved session.* namespace; foreign_session: backend message naming another \
              session; stale_fence: session.ended without this lease's fence token; \
-             token_echo: backend message carrying the fence token)",
+             token_echo: backend message carrying the fence token; replayed: after a \
+             failover, a result the client already had, or the new backend's session.started)",
             m.relay_dropped.clone(),
         );
         registry.register(
@@ -202,6 +209,20 @@ impl Metrics {
             "session_duration_seconds",
             "Client session duration",
             m.session_seconds.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Attempts to move a session whose backend failed to another backend, by outcome \
+             (resumed; limit: failover_max reached; window: audio the replay needed was \
+             evicted; mid_frame: the backend failed inside a frame toward the client; \
+             no_backend; timeout: not within failover_timeout)",
+            m.failovers.clone(),
+        );
+        registry.register(
+            "failover_pause_seconds",
+            "Time from a backend's failure mid-session to the lease on the backend taking \
+             the session over",
+            m.failover_pause_seconds.clone(),
         );
         registry.register_collector(Box::new(PoolCollector { backends }));
         registry.register_collector(Box::new(RuntimeCollector));

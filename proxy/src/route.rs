@@ -93,8 +93,35 @@ pub async fn lease(
     acquire_timeout: Duration,
     rng: &mut impl Rng,
 ) -> Result<(Arc<BackendPool>, Lease<BackendConn>, Acquired), NoConnection> {
+    lease_among(&backends.all(), acquire_timeout, rng).await
+}
+
+/// Get a connection for a session taken over after its backend failed
+/// (docs/failover.md): only resumable backends, none of those in `exclude`
+/// (the ones the session already lost).
+pub async fn lease_takeover(
+    backends: &Backends,
+    exclude: &[String],
+    acquire_timeout: Duration,
+    rng: &mut impl Rng,
+) -> Result<(Arc<BackendPool>, Lease<BackendConn>, Acquired), NoConnection> {
+    let pools: Vec<Arc<BackendPool>> = backends
+        .all()
+        .iter()
+        .filter(|b| b.reuse == crate::backend::Reuse::Resumable && !exclude.contains(&b.id))
+        .cloned()
+        .collect();
+    lease_among(&pools, acquire_timeout, rng).await
+}
+
+/// Get a connection from one of `all` within `acquire_timeout`.
+async fn lease_among(
+    all: &[Arc<BackendPool>],
+    acquire_timeout: Duration,
+    rng: &mut impl Rng,
+) -> Result<(Arc<BackendPool>, Lease<BackendConn>, Acquired), NoConnection> {
     let deadline = Instant::now() + acquire_timeout;
-    let pools = candidates(&backends.all(), rng);
+    let pools = candidates(all, rng);
     if pools.is_empty() {
         return Err(NoConnection::NoBackend);
     }

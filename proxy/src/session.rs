@@ -18,7 +18,10 @@ use crate::backend::{BackendConn, Reuse, fence};
 use crate::backends::Backends;
 use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::relay::rate::RateLimits;
-use crate::relay::{self, CLOSE_TIMEOUT, FrameStream, RelayLease, RelaySettings};
+use crate::relay::{
+    self, CLOSE_TIMEOUT, Failover, FailoverSettings, FrameStream, RelayLease, RelaySettings,
+    Takeover, TakeoverFuture,
+};
 use crate::route::{self, NoConnection};
 
 /// Session timeouts.
@@ -32,6 +35,9 @@ pub struct SessionSettings {
     pub client_ping_interval: Duration,
     pub client_pong_timeout: Duration,
     pub rate: RateLimits,
+    /// Sessions on resumable backends move to another when theirs fails
+    /// (docs/failover.md); `None`: off.
+    pub failover: Option<FailoverSettings>,
 }
 
 impl Default for SessionSettings {
@@ -45,6 +51,7 @@ impl Default for SessionSettings {
             client_ping_interval: Duration::from_secs(20),
             client_pong_timeout: Duration::from_secs(10),
             rate: RateLimits::OFF,
+            failover: None,
         }
     }
 }
@@ -108,6 +115,56 @@ impl<L: std::ops::Deref> std::ops::Deref for ForRelay<L> {
 impl<L: DerefMut> DerefMut for ForRelay<L> {
     fn deref_mut(&mut self) -> &mut L::Target {
         &mut self.0
+    }
+}
+
+/// The relay's takeovers, for the session's lease type.
+struct ForRelayTakeover<L>(Box<dyn Takeover<L>>);
+
+impl<L: Send + 'static> Takeover<ForRelay<L>> for ForRelayTakeover<L> {
+    fn next_lease(&mut self) -> TakeoverFuture<ForRelay<L>> {
+        let lease = self.0.next_lease();
+        Box::pin(async move { lease.await.map(ForRelay) })
+    }
+}
+
+/// Takeovers by the proxy's routing: another resumable backend, not one the
+/// session has used.
+struct RouteTakeover {
+    backends: Backends,
+    acquire_timeout: Duration,
+    /// The backends the session has had, the current one last.
+    used: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Takeover<Lease<BackendConn>> for RouteTakeover {
+    fn next_lease(&mut self) -> TakeoverFuture<Lease<BackendConn>> {
+        let backends = self.backends.clone();
+        let used = self.used.clone();
+        let timeout = self.acquire_timeout;
+        let lock = |used: &std::sync::Mutex<Vec<String>>| -> Vec<String> {
+            match used.lock() {
+                Ok(g) => g.clone(),
+                Err(p) => p.into_inner().clone(),
+            }
+        };
+        Box::pin(async move {
+            let exclude = lock(&used);
+            let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_os_rng();
+            match route::lease_takeover(&backends, &exclude, timeout, &mut rng).await {
+                Ok((backend, lease, _)) => {
+                    match used.lock() {
+                        Ok(mut g) => g.push(backend.id.clone()),
+                        Err(p) => p.into_inner().push(backend.id.clone()),
+                    }
+                    Some(lease)
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "no backend to take a session over");
+                    None
+                }
+            }
+        })
     }
 }
 
@@ -184,14 +241,32 @@ where
         })
         .inc();
     tracing::debug!(session = %id, backend = %backend.id, acquired = how.as_str(), "leased a backend connection");
-    run_leased(client, lease, backend.reuse, &params, ctx, id).await
+    // Boxed, only for sessions that may fail over, and built in the call:
+    // whatever a session keeps across its awaits sizes every session's future.
+    run_leased(
+        client,
+        lease,
+        backend.reuse,
+        &params,
+        ctx,
+        id,
+        (backend.reuse == Reuse::Resumable && settings.failover.is_some()).then(|| {
+            Box::new(RouteTakeover {
+                backends: ctx.backends.clone(),
+                acquire_timeout: settings.acquire_timeout,
+                used: Arc::new(std::sync::Mutex::new(vec![backend.id.clone()])),
+            }) as Box<dyn Takeover<Lease<BackendConn>>>
+        }),
+    )
+    .await
 }
 
 /// The part of a session after routing: fence the leased backend connection
 /// (`session.start`), relay both ways until both ends are settled, and count
 /// what happened. Generic over the client's and the backend's byte streams,
-/// so the fault simulation runs this very code in memory. Returns the
-/// session's outcome label.
+/// so the fault simulation runs this very code in memory. With `takeover`
+/// (a resumable backend, failover on), a backend that fails mid-session is
+/// replaced by one `takeover` leases. Returns the session's outcome label.
 pub async fn run_leased<S, B, L>(
     client: &mut FrameStream<S>,
     mut lease: L,
@@ -199,15 +274,16 @@ pub async fn run_leased<S, B, L>(
     params: &Map<String, Value>,
     ctx: &SessionContext,
     id: &str,
+    takeover: Option<Box<dyn Takeover<L>>>,
 ) -> &'static str
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     B: AsyncRead + AsyncWrite + Unpin + Send,
-    L: SessionLease<B>,
+    L: SessionLease<B> + 'static,
 {
     let m = &ctx.metrics;
     let settings = &ctx.settings;
-    let fenced = reuse == Reuse::Fenced;
+    let fenced = reuse.fenced();
 
     if fenced {
         let start = fence::start_message(id, params);
@@ -241,8 +317,20 @@ where
         relay_settings,
         &ctx.shutdown,
         m,
+        takeover
+            .zip(settings.failover.as_ref())
+            .map(|(takeover, settings)| {
+                Failover::new(Box::new(ForRelayTakeover(takeover)), params, settings)
+            }),
     )
     .await;
+    for (outcome, n) in relay::failover_outcomes().into_iter().zip(end.failovers) {
+        if n > 0 {
+            m.failovers
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc_by(n);
+        }
+    }
     for (reason, n) in end.dropped {
         if n > 0 {
             m.relay_dropped

@@ -72,7 +72,16 @@ async fn run_session<P: PoolUnderTest>(env: Arc<SessionEnv<P>>, session: u64, io
     let link = lease.stream.get_ref().link().clone();
     let mut params = Map::new();
     params.insert("lang".into(), Value::from("ko"));
-    let outcome = run_leased(&mut client, lease, Reuse::Fenced, &params, &env.ctx, &sid).await;
+    let outcome = run_leased(
+        &mut client,
+        lease,
+        Reuse::Fenced,
+        &params,
+        &env.ctx,
+        &sid,
+        None,
+    )
+    .await;
     env.world.session_done(session, outcome, link.faulted());
 }
 

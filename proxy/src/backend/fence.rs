@@ -21,6 +21,37 @@ pub fn start_message(session: &str, params: &Map<String, Value>) -> String {
     serde_json::json!({"type": "session.start", "session": session, "params": params}).to_string()
 }
 
+/// `session.start` of a session taken over from a failed backend (failover,
+/// docs/failover.md): the client's query parameters, and `resume` with the
+/// audio offset (bytes) the replay starts at and how many failovers the
+/// session has had.
+pub fn resume_message(
+    session: &str,
+    params: &Map<String, Value>,
+    from_bytes: u64,
+    failovers: u32,
+) -> String {
+    serde_json::json!({
+        "type": "session.start",
+        "session": session,
+        "params": params,
+        "resume": {"from_bytes": from_bytes, "failovers": failovers},
+    })
+    .to_string()
+}
+
+/// `session.failover`, the notice a client gets when its session moved to
+/// another backend (unless `failover_notice = false`).
+pub fn failover_notice(session: &str, from_bytes: u64, failovers: u32) -> String {
+    serde_json::json!({
+        "type": "session.failover",
+        "session": session,
+        "resume_from_bytes": from_bytes,
+        "failovers": failovers,
+    })
+    .to_string()
+}
+
 /// `session.end` for `session`, carrying the lease's fence `token`.
 pub fn end_message(session: &str, token: &str) -> String {
     serde_json::json!({"type": "session.end", "session": session, "fence": token}).to_string()

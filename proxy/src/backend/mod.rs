@@ -23,15 +23,28 @@ pub enum Reuse {
     /// and a connection returns to the pool only after a clean fence.
     #[default]
     Fenced,
+    /// Fenced as above, and the backend also speaks `resume`: it tags results
+    /// with audio offsets and can take over a session another backend lost
+    /// (docs/failover.md). Sessions on such backends fail over; sessions are
+    /// only ever moved to such backends.
+    Resumable,
     /// The backend does not speak the fencing protocol: each pre-warmed
     /// connection carries one session, then is closed.
     None,
+}
+
+impl Reuse {
+    /// Sessions are fenced on this backend's connections.
+    pub fn fenced(self) -> bool {
+        self != Reuse::None
+    }
 }
 
 impl fmt::Display for Reuse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Reuse::Fenced => "fenced",
+            Reuse::Resumable => "resumable",
             Reuse::None => "none",
         })
     }
@@ -43,9 +56,10 @@ impl FromStr for Reuse {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "fenced" => Ok(Reuse::Fenced),
+            "resumable" => Ok(Reuse::Resumable),
             "none" => Ok(Reuse::None),
             other => Err(format!(
-                "unknown reuse mode {other:?} (expected fenced or none)"
+                "unknown reuse mode {other:?} (expected fenced, resumable or none)"
             )),
         }
     }

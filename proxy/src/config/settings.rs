@@ -15,7 +15,9 @@ use crate::backend::health::HealthThresholds;
 use crate::backend::{BackendSpec, PoolTuning, Reuse};
 use crate::handshake::HandshakeLimits;
 use crate::reconcile::ReconcileConfig;
+use crate::relay::FailoverSettings;
 use crate::relay::rate::RateLimits;
+use crate::relay::replay::ReplayLimits;
 use crate::session::SessionSettings;
 use crate::tls::TlsListenerSettings;
 use crate::tls::backend::BackendTlsFiles;
@@ -139,6 +141,20 @@ pub struct Settings {
     /// On SIGTERM/SIGINT sessions get this long to finish, then close with 1001.
     #[serde(with = "human_duration")]
     pub shutdown_grace: Duration,
+    /// Failovers per session on `reuse = "resumable"` backends (0: off): a
+    /// session whose backend fails moves to another (docs/failover.md).
+    pub failover_max: u32,
+    /// From a backend's failure to the takeover's lease; then 1014.
+    #[serde(with = "human_duration")]
+    pub failover_timeout: Duration,
+    /// Client data kept per resumable session for a replay (bytes) ...
+    pub replay_max_bytes: usize,
+    /// ... and at most this old; what is evicted unacknowledged makes the
+    /// session unable to fail over until the backend acknowledges past it.
+    #[serde(with = "human_duration")]
+    pub replay_max_age: Duration,
+    /// Send the client a `session.failover` notice when its session moves.
+    pub failover_notice: bool,
     /// Largest message either way (bytes); larger client messages close with 1009.
     pub max_message_size: usize,
     /// Idle backend connections are pinged this often (jittered ±10 %).
@@ -247,6 +263,11 @@ impl Default for Settings {
             max_client_bytes_per_second: 0,
             rate_limit_burst: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
+            failover_max: 2,
+            failover_timeout: Duration::from_secs(5),
+            replay_max_bytes: 1 << 20,
+            replay_max_age: Duration::from_secs(30),
+            failover_notice: true,
             max_message_size: 1 << 20,
             health_interval: Duration::from_secs(10),
             health_timeout: Duration::from_secs(2),
@@ -326,7 +347,7 @@ impl Settings {
 
     /// Every duration setting with its smallest sane value: zero would spin
     /// or panic (a zero interval); the largest is a day for all (more is a typo).
-    fn durations(&self) -> [(&'static str, Duration, Duration); 18] {
+    fn durations(&self) -> [(&'static str, Duration, Duration); 20] {
         let ms = Duration::from_millis;
         [
             ("handshake_timeout", self.handshake_timeout, ms(10)),
@@ -340,6 +361,8 @@ impl Settings {
             ("client_pong_timeout", self.client_pong_timeout, ms(10)),
             ("rate_limit_burst", self.rate_limit_burst, ms(1000)),
             ("shutdown_grace", self.shutdown_grace, ms(0)),
+            ("failover_timeout", self.failover_timeout, ms(10)),
+            ("replay_max_age", self.replay_max_age, ms(1000)),
             ("health_interval", self.health_interval, ms(10)),
             ("health_timeout", self.health_timeout, ms(1)),
             ("reconcile_interval", self.reconcile_interval, ms(10)),
@@ -382,6 +405,16 @@ impl Settings {
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "max_connections must be at least 1".into(),
+            ));
+        }
+        if self.replay_max_bytes < 1024 || self.replay_max_bytes > 64 << 20 {
+            return Err(ConfigError::Invalid(
+                "replay_max_bytes must be between 1024 and 64 MiB".into(),
+            ));
+        }
+        if self.failover_max > 16 {
+            return Err(ConfigError::Invalid(
+                "failover_max must be at most 16".into(),
             ));
         }
         if self.max_concurrent_dials == 0 {
@@ -546,6 +579,15 @@ impl Settings {
                 bytes_per_second: NonZeroU32::new(self.max_client_bytes_per_second),
                 burst: self.rate_limit_burst,
             },
+            failover: (self.failover_max > 0).then_some(FailoverSettings {
+                max_failovers: self.failover_max,
+                timeout: self.failover_timeout,
+                replay: ReplayLimits {
+                    max_bytes: self.replay_max_bytes,
+                    max_age: self.replay_max_age,
+                },
+                notice: self.failover_notice,
+            }),
         }
     }
 

@@ -13,9 +13,10 @@ use std::marker::PhantomData;
 use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::frame::{self, OP_CLOSE, OP_PING, OP_TEXT};
+use super::frame::{self, OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT};
 use super::output::Output;
 use super::parser::{Flow, Judge, Treat, Verdict};
+use super::replay::Offsets;
 use super::state::{ControlReply, Dropped, State};
 use super::stream::Peer;
 use crate::backend::fence;
@@ -35,6 +36,10 @@ struct Control<'a> {
     kinds: Vec<Cow<'a, str>>,
     sessions: Vec<Cow<'a, str>>,
     fences: Vec<Cow<'a, str>>,
+    /// `ack_bytes` and `end_bytes` (docs/failover.md), when given once as an
+    /// unsigned integer; a repeated or other value reads as absent.
+    acks: Vec<Option<u64>>,
+    ends: Vec<Option<u64>>,
 }
 
 impl Control<'_> {
@@ -54,6 +59,18 @@ impl Control<'_> {
         Self::agreed(&self.fences)
     }
 
+    /// The audio offsets a resumable backend's result carries.
+    fn offsets(&self) -> Offsets {
+        let one = |v: &[Option<u64>]| match v {
+            [one] => *one,
+            _ => None,
+        };
+        Offsets {
+            ack: one(&self.acks),
+            end: one(&self.ends),
+        }
+    }
+
     /// Whether some reading of `type` is in the `session.` namespace.
     fn reserved(&self) -> bool {
         self.kinds.iter().any(|k| k.starts_with("session."))
@@ -71,6 +88,15 @@ impl<'de: 'a, 'a> Deserialize<'de> for Control<'a> {
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Control<'a>, M::Error> {
                 let mut c = Control::default();
                 while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                    let numbers = match key.as_deref() {
+                        Some("ack_bytes") => Some(&mut c.acks),
+                        Some("end_bytes") => Some(&mut c.ends),
+                        _ => None,
+                    };
+                    if let Some(numbers) = numbers {
+                        numbers.push(map.next_value::<serde_json::Value>()?.as_u64());
+                        continue;
+                    }
                     let values = match key.as_deref() {
                         Some("type") => &mut c.kinds,
                         Some("session") => &mut c.sessions,
@@ -208,16 +234,24 @@ impl Judge for FromClient<'_> {
     fn treat(&mut self, first: &frame::Header) -> Treat {
         if !self.state.client_may_send_data() {
             Treat::Skip
-        } else if first.opcode == OP_TEXT {
+        } else if first.opcode == OP_TEXT || self.state.resume.is_some() {
+            // A resumable session keeps its audio for a replay: held whole
+            // (judged where it lies when it came in one read) and recorded.
             Treat::Hold
         } else {
             Treat::Pass
         }
     }
 
-    fn message(&mut self, _opcode: u8, payload: &mut [u8]) -> (Verdict, Flow) {
+    fn message(&mut self, opcode: u8, payload: &mut [u8]) -> (Verdict, Flow) {
         if !self.state.client_may_send_data() {
             return (Verdict::Drop, Flow::Continue);
+        }
+        if opcode == OP_BINARY {
+            if let Some(r) = self.state.resume.as_deref_mut() {
+                r.replay.record(opcode, payload);
+            }
+            return (Verdict::Forward, Flow::Continue);
         }
         if std::str::from_utf8(payload).is_err() {
             self.state
@@ -254,7 +288,12 @@ impl Judge for FromClient<'_> {
                 self.state.dropped(Dropped::ClientReserved);
                 (Verdict::Drop, Flow::Continue)
             }
-            _ => (Verdict::Forward, Flow::Continue),
+            _ => {
+                if let Some(r) = self.state.resume.as_deref_mut() {
+                    r.replay.record(opcode, payload);
+                }
+                (Verdict::Forward, Flow::Continue)
+            }
         }
     }
 
@@ -306,7 +345,8 @@ impl Judge for FromBackend<'_> {
         } else {
             Verdict::Drop
         };
-        if !contains(payload, br#""session"#) {
+        let offsets_possible = self.state.resume.is_some() && contains(payload, b"_bytes\"");
+        if !offsets_possible && !contains(payload, br#""session"#) {
             return (forward, Flow::Continue);
         }
         let st = &mut *self.state;
@@ -338,6 +378,18 @@ impl Judge for FromBackend<'_> {
         if contains(payload, st.token.as_bytes()) {
             st.dropped(Dropped::TokenEcho);
             return (Verdict::Drop, Flow::Continue);
+        }
+        if let Some(r) = st.resume.as_deref_mut() {
+            let offsets = c.offsets();
+            // After a takeover the new backend says again what the old one
+            // said for the replayed audio: the client gets each result once.
+            if r.replaying() && (r.replay.stale(offsets) || c.kind() == Some("session.started")) {
+                st.dropped(Dropped::Replayed);
+                return (Verdict::Drop, Flow::Continue);
+            }
+            if matches!(forward, Verdict::Forward) {
+                r.replay.delivered(offsets);
+            }
         }
         (forward, Flow::Continue)
     }
@@ -387,6 +439,7 @@ mod tests {
             true,
             Duration::from_secs(1),
             Duration::from_secs(1),
+            None,
         )
     }
 

@@ -17,11 +17,12 @@ mod judge;
 mod output;
 mod parser;
 pub mod rate;
+pub mod replay;
 mod state;
 pub mod stream;
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -36,7 +37,10 @@ use self::judge::{FromBackend, FromClient, Pong};
 use self::output::Output;
 use self::parser::{Fault, Parser, Processed};
 use self::rate::{RateLimits, SessionRate};
-use self::state::{BackendPhase, ClientPhase, ControlReply, State};
+use self::replay::{Replay, ReplayLimits};
+use self::state::{
+    BackendPhase, ClientPhase, ControlReply, Failover as FailoverOutcome, Resume, State,
+};
 use crate::backend::BackendConn;
 use crate::metrics::{LimitLabel, Metrics, TO_BACKEND, TO_CLIENT};
 
@@ -90,7 +94,73 @@ pub struct RelayEnd {
     pub fence: &'static str,
     /// How the client close handshake ended: clean, no_reply, not_sent.
     pub client_close: &'static str,
-    pub dropped: [(&'static str, u64); 4],
+    pub dropped: [(&'static str, u64); 5],
+    /// Failover attempts by outcome (docs/failover.md): index
+    /// [`failover_outcomes`]'s labels.
+    pub failovers: [u64; 6],
+}
+
+/// The labels of [`RelayEnd::failovers`], in order.
+pub fn failover_outcomes() -> [&'static str; 6] {
+    FailoverOutcome::ALL.map(FailoverOutcome::label)
+}
+
+/// A backend connection on another backend, for a session whose backend
+/// failed; `None` when no healthy resumable backend has one within the
+/// acquire timeout. Boxed: it is rare, and must not size every session.
+pub type TakeoverFuture<L> = Pin<Box<dyn Future<Output = Option<L>> + Send>>;
+
+/// Where a resumable session gets its next backend connection: the session
+/// layer's routing, restricted to other resumable backends.
+pub trait Takeover<L>: Send {
+    fn next_lease(&mut self) -> TakeoverFuture<L>;
+}
+
+/// What a failover needs to know.
+#[derive(Debug, Clone, Copy)]
+pub struct FailoverSettings {
+    /// Takeovers per session; then 1014 as without failover.
+    pub max_failovers: u32,
+    /// From the failure to the new backend's lease.
+    pub timeout: Duration,
+    pub replay: ReplayLimits,
+    /// Tell the client (`session.failover`).
+    pub notice: bool,
+}
+
+/// Failover for one session: on a resumable backend, with failover on.
+/// Boxed by the caller: it is rare, and every session's future would
+/// otherwise carry its size.
+pub struct Failover<'a, L> {
+    takeover: Box<dyn Takeover<L> + 'a>,
+    /// The client's query parameters, for the new backend's `session.start`.
+    params: &'a serde_json::Map<String, serde_json::Value>,
+    settings: &'a FailoverSettings,
+    /// The takeover being acquired, with when the backend failed.
+    acquiring: Option<(TakeoverFuture<L>, Instant)>,
+}
+
+impl<'a, L> Failover<'a, L> {
+    pub fn new(
+        takeover: Box<dyn Takeover<L> + 'a>,
+        params: &'a serde_json::Map<String, serde_json::Value>,
+        settings: &'a FailoverSettings,
+    ) -> Box<Self> {
+        Box::new(Self {
+            takeover,
+            params,
+            settings,
+            acquiring: None,
+        })
+    }
+}
+
+impl<L> std::fmt::Debug for Failover<'_, L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Failover")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The lease as the relay needs it (see [`crate::session::SessionLease`]).
@@ -108,14 +178,18 @@ pub fn new_fence_token() -> String {
 /// Relay one session until both its ends are settled: the client closed
 /// (handshake done, or given up on within [`CLOSE_TIMEOUT`]) and the backend
 /// connection released (fence completed, nothing left over) or discarded.
-pub async fn relay<C, B, L>(
-    client: &mut FrameStream<C>,
+/// With `failover`, a backend that fails mid-session is replaced by another
+/// (docs/failover.md).
+#[allow(clippy::too_many_arguments)]
+pub async fn relay<'a, C, B, L>(
+    client: &'a mut FrameStream<C>,
     lease: L,
     fenced: bool,
     id: &str,
     settings: RelaySettings,
-    shutdown: &tokio_util::sync::CancellationToken,
-    metrics: &Metrics,
+    shutdown: &'a tokio_util::sync::CancellationToken,
+    metrics: &'a Metrics,
+    failover: Option<Box<Failover<'a, L>>>,
 ) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -137,7 +211,16 @@ where
             fenced,
             settings.drain_timeout,
             settings.close_timeout,
+            // Built in place: a local would stay in the future across its
+            // await (debug builds keep moved-from locals' slots).
+            failover.as_ref().filter(|_| fenced).map(|f| {
+                Box::new(Resume::new(
+                    Replay::new(f.settings.replay),
+                    f.settings.max_failovers,
+                ))
+            }),
         ),
+        failover,
         dirty: false,
         fence: "error",
         client_close: None,
@@ -163,6 +246,7 @@ where
         fence: r.fence,
         client_close: r.client_close.unwrap_or("clean"),
         dropped: state::Dropped::ALL.map(|d| (d.label(), st.dropped[d as usize])),
+        failovers: st.resume.as_ref().map_or([0; 6], |r| r.outcomes),
     }
 }
 
@@ -179,6 +263,7 @@ struct Relay<'a, C, B, L> {
     reply_client: Option<ControlReply>,
     reply_backend: Option<ControlReply>,
     state: State,
+    failover: Option<Box<Failover<'a, L>>>,
     /// Bytes of the backend stream were left over after the fence.
     dirty: bool,
     fence: &'static str,
@@ -331,10 +416,14 @@ where
 
     /// `at`, or a deadline before it.
     fn next_wake(&self, at: Instant) -> Instant {
-        [self.state.fence_deadline, self.state.close_deadline]
-            .into_iter()
-            .flatten()
-            .fold(at, Instant::min)
+        [
+            self.state.fence_deadline,
+            self.state.close_deadline,
+            self.state.failover_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(at, Instant::min)
     }
 
     fn pump_to_client(&mut self, cx: &mut Context<'_>) -> bool {
@@ -538,7 +627,7 @@ where
     /// Settle what the state asks for: fence or resolve the backend
     /// connection, send the client its Close, finish the client's socket.
     fn advance(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut progressed = self.advance_backend();
+        let mut progressed = self.advance_backend(cx);
         if let Some(req) = self.state.close_request.take() {
             let mid = self.to_client.mid_frame();
             let source_streaming = self.lease.is_some()
@@ -609,8 +698,21 @@ where
         progressed
     }
 
-    fn advance_backend(&mut self) -> bool {
+    fn advance_backend(&mut self, cx: &mut Context<'_>) -> bool {
+        match &self.state.backend {
+            BackendPhase::Lost(_) => return self.begin_failover(),
+            BackendPhase::FailingOver => return self.poll_takeover(cx),
+            _ => {}
+        }
         if self.lease.is_none() {
+            if let BackendPhase::Failed(why) = &self.state.backend {
+                // A takeover that failed, or was cut short: no connection left.
+                tracing::debug!(session = %self.state.id, reason = %why, "failover ended without a backend");
+                self.stop_takeover();
+                self.state.set_failover_deadline(None);
+                self.state.backend = BackendPhase::Resolved;
+                return true;
+            }
             return false;
         }
         match &self.state.backend {
@@ -659,6 +761,139 @@ where
             }
             _ => false,
         }
+    }
+
+    /// The backend connection failed and the session may move: discard the
+    /// connection and start acquiring a takeover, unless the client's stream
+    /// cannot be continued (a frame toward it was cut short).
+    fn begin_failover(&mut self) -> bool {
+        let BackendPhase::Lost(why) =
+            std::mem::replace(&mut self.state.backend, BackendPhase::FailingOver)
+        else {
+            return false;
+        };
+        if self.to_client.mid_frame() {
+            self.state.backend = BackendPhase::Relaying;
+            self.state.failover_failed(FailoverOutcome::MidFrame, why);
+            return true;
+        }
+        let Some(f) = self.failover.as_mut() else {
+            // Unreachable: `resume` is set only with failover settings.
+            self.state.backend = BackendPhase::Relaying;
+            self.state.failover_failed(FailoverOutcome::NoBackend, why);
+            return true;
+        };
+        tracing::info!(session = %self.state.id, reason = %why, "backend lost mid-session: failing over");
+        if let Some(mut lease) = self.lease.take() {
+            lease.mark_broken();
+            lease.discard();
+        }
+        let now = Instant::now();
+        f.acquiring = Some((f.takeover.next_lease(), now));
+        self.state
+            .set_failover_deadline(Some(now + f.settings.timeout));
+        // Nothing of the old connection carries over.
+        self.out_backend = Output::default();
+        self.reply_backend = None;
+        self.stalled_backend = None;
+        self.dirty = false;
+        self.to_client = Parser::new(Peer::Backend, Peer::Client, self.settings.max_message_size);
+        true
+    }
+
+    /// Poll the takeover being acquired; install it when it comes.
+    fn poll_takeover(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.state.client_takes_data() {
+            // The client left (or is being closed): nobody to resume for.
+            self.stop_takeover();
+            self.state.set_failover_deadline(None);
+            self.state.backend = BackendPhase::Resolved;
+            return true;
+        }
+        let Some((fut, _)) = self.failover.as_mut().and_then(|f| f.acquiring.as_mut()) else {
+            self.state
+                .failover_failed(FailoverOutcome::NoBackend, "failover lost its way".into());
+            return true;
+        };
+        let lease = match fut.as_mut().poll(cx) {
+            Poll::Pending => return false,
+            Poll::Ready(lease) => lease,
+        };
+        let since = self
+            .failover
+            .as_mut()
+            .and_then(|f| f.acquiring.take())
+            .map(|(_, since)| since);
+        match lease {
+            None => self.state.failover_failed(
+                FailoverOutcome::NoBackend,
+                "no other backend could take the session over".into(),
+            ),
+            Some(lease) => self.install(lease, since),
+        }
+        true
+    }
+
+    /// Drop the takeover being acquired, if any.
+    fn stop_takeover(&mut self) {
+        if let Some(f) = self.failover.as_mut() {
+            f.acquiring = None;
+        }
+    }
+
+    /// A new backend connection takes the session over: `session.start` with
+    /// `resume`, the replay, and `session.end` if the client already ended.
+    fn install(&mut self, lease: L, since: Option<Instant>) {
+        let (Some(f), Some(r)) = (self.failover.as_deref(), self.state.resume.as_deref_mut())
+        else {
+            return;
+        };
+        r.failovers += 1;
+        r.outcomes[FailoverOutcome::Resumed as usize] += 1;
+        let from = r.replay.resume_from();
+        let failovers = r.failovers;
+        // A fresh token: nothing of the old lease's fence carries over.
+        self.state.token = new_fence_token();
+        let id = &self.state.id;
+        let mut frames = Vec::new();
+        let start = crate::backend::fence::resume_message(id, f.params, from, failovers);
+        frame::push_frame(
+            &mut frames,
+            frame::OP_TEXT,
+            start.as_bytes(),
+            Peer::Backend.mask_for_send(),
+        );
+        for (opcode, payload) in r.replay.replay() {
+            frame::push_frame(&mut frames, opcode, &payload, Peer::Backend.mask_for_send());
+        }
+        self.state.backend = BackendPhase::Relaying;
+        if self.state.client == ClientPhase::Ended {
+            let end = crate::backend::fence::end_message(&self.state.id, &self.state.token);
+            frame::push_frame(
+                &mut frames,
+                frame::OP_TEXT,
+                end.as_bytes(),
+                Peer::Backend.mask_for_send(),
+            );
+            self.state.start_fence();
+        }
+        self.out_backend.push(&frames);
+        if f.settings.notice {
+            let notice = crate::backend::fence::failover_notice(&self.state.id, from, failovers);
+            let mut frame = Vec::with_capacity(notice.len() + frame::MAX_HEADER);
+            frame::push_frame(&mut frame, frame::OP_TEXT, notice.as_bytes(), None);
+            self.out_client.push(&frame);
+            self.state.counts.to_client.0 += 1;
+            self.state.counts.to_client.1 += notice.len() as u64;
+        }
+        self.state.set_failover_deadline(None);
+        if let Some(since) = since {
+            self.metrics
+                .failover_pause_seconds
+                .observe(since.elapsed().as_secs_f64());
+        }
+        tracing::info!(session = %self.state.id, from_bytes = from, failovers, "session taken over by another backend");
+        self.lease = Some(lease);
     }
 
     /// Nothing of the session is left at any layer of the backend stream.
@@ -754,6 +989,18 @@ where
         }
         if st.fence_deadline.is_some_and(|d| d <= now) {
             st.fence_timed_out();
+        }
+        if let Some(r) = st.resume.as_deref_mut() {
+            r.replay.tick(now);
+        }
+        if st.failover_deadline().is_some_and(|d| d <= now) {
+            st.failover_failed(
+                FailoverOutcome::Timeout,
+                "no backend took the session over within failover_timeout".into(),
+            );
+            if let Some(f) = self.failover.as_mut() {
+                f.acquiring = None;
+            }
         }
         if st.close_deadline.is_some_and(|d| d <= now) {
             st.close_deadline = None;
@@ -896,6 +1143,7 @@ mod tests {
                 settings(),
                 &shutdown,
                 &metrics,
+                None,
             )
             .await
         };
@@ -936,6 +1184,7 @@ mod tests {
                 settings(),
                 &shutdown,
                 &metrics,
+                None,
             )
             .await
         });

@@ -13,6 +13,7 @@
 use tokio::time::{Duration, Instant};
 
 use super::frame::{MAX_CONTROL_PAYLOAD, is_valid_close_code};
+use super::replay::Replay;
 
 /// Per-session message counts, added to the shared metrics in batches.
 #[derive(Debug, Default)]
@@ -29,14 +30,18 @@ pub(crate) enum Dropped {
     ForeignSession,
     StaleFence,
     TokenEcho,
+    /// After a failover: a result the client already has (by its offsets),
+    /// or the new backend's `session.started`.
+    Replayed,
 }
 
 impl Dropped {
-    pub const ALL: [Dropped; 4] = [
+    pub const ALL: [Dropped; 5] = [
         Dropped::ClientReserved,
         Dropped::ForeignSession,
         Dropped::StaleFence,
         Dropped::TokenEcho,
+        Dropped::Replayed,
     ];
 
     pub fn label(self) -> &'static str {
@@ -45,6 +50,7 @@ impl Dropped {
             Dropped::ForeignSession => "foreign_session",
             Dropped::StaleFence => "stale_fence",
             Dropped::TokenEcho => "token_echo",
+            Dropped::Replayed => "replayed",
         }
     }
 }
@@ -96,8 +102,86 @@ pub(crate) enum BackendPhase {
     FenceDone,
     /// The connection failed or the backend broke the protocol.
     Failed(String),
+    /// The connection failed and the session may move to another backend
+    /// (docs/failover.md): the relay discards it and starts a takeover.
+    Lost(String),
+    /// No backend connection: a takeover is being acquired. The client's
+    /// data is kept for the replay meanwhile.
+    FailingOver,
     /// The lease was released or discarded.
     Resolved,
+}
+
+/// How a session's attempt to move to another backend ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failover {
+    /// Another backend took the session over.
+    Resumed,
+    /// The session had its `failover_max` failovers already.
+    Limit,
+    /// Audio the takeover would need was evicted from the replay buffer.
+    Window,
+    /// The backend failed in the middle of a frame toward the client: the
+    /// client's stream cannot be continued.
+    MidFrame,
+    /// No healthy resumable backend had a connection.
+    NoBackend,
+    /// No takeover within `failover_timeout`.
+    Timeout,
+}
+
+impl Failover {
+    pub const ALL: [Failover; 6] = [
+        Failover::Resumed,
+        Failover::Limit,
+        Failover::Window,
+        Failover::MidFrame,
+        Failover::NoBackend,
+        Failover::Timeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Failover::Resumed => "resumed",
+            Failover::Limit => "limit",
+            Failover::Window => "window",
+            Failover::MidFrame => "mid_frame",
+            Failover::NoBackend => "no_backend",
+            Failover::Timeout => "timeout",
+        }
+    }
+}
+
+/// A resumable session's failover record.
+#[derive(Debug)]
+pub(crate) struct Resume {
+    pub replay: Replay,
+    /// Failovers so far, and the most allowed.
+    pub failovers: u32,
+    pub max_failovers: u32,
+    /// Attempts by outcome (index: [`Failover`]).
+    pub outcomes: [u64; 6],
+    /// A takeover must be in place by then, else the client gets 1014.
+    pub deadline: Option<Instant>,
+}
+
+impl Resume {
+    pub fn new(replay: Replay, max_failovers: u32) -> Self {
+        Self {
+            replay,
+            failovers: 0,
+            max_failovers,
+            outcomes: [0; 6],
+            deadline: None,
+        }
+    }
+
+    /// Whether a result seen now may repeat one the client has: only after a
+    /// takeover, whose replay makes the new backend say again what the old
+    /// one said.
+    pub fn replaying(&self) -> bool {
+        self.failovers > 0
+    }
 }
 
 /// Where one session stands.
@@ -111,13 +195,15 @@ pub(crate) struct State {
     pub backend: BackendPhase,
     pub close_request: Option<CloseRequest>,
     pub counts: Counts,
-    pub dropped: [u64; 4],
+    pub dropped: [u64; 5],
     /// The first cause of the session's end (the `outcome` label).
     pub outcome: Option<&'static str>,
     /// Bytes arrived from the client since the last tick.
     pub heard: bool,
     pub fence_deadline: Option<Instant>,
     pub close_deadline: Option<Instant>,
+    /// Set for sessions on resumable backends with failover on.
+    pub resume: Option<Box<Resume>>,
     drain_timeout: Duration,
     close_timeout: Duration,
 }
@@ -129,6 +215,7 @@ impl State {
         fenced: bool,
         drain_timeout: Duration,
         close_timeout: Duration,
+        resume: Option<Box<Resume>>,
     ) -> Self {
         Self {
             id,
@@ -138,13 +225,25 @@ impl State {
             backend: BackendPhase::Relaying,
             close_request: None,
             counts: Counts::default(),
-            dropped: [0; 4],
+            dropped: [0; 5],
             outcome: None,
             heard: false,
             fence_deadline: None,
             close_deadline: None,
+            resume,
             drain_timeout,
             close_timeout,
+        }
+    }
+
+    /// When a takeover in progress must be in place.
+    pub fn failover_deadline(&self) -> Option<Instant> {
+        self.resume.as_ref().and_then(|r| r.deadline)
+    }
+
+    pub fn set_failover_deadline(&mut self, at: Option<Instant>) {
+        if let Some(r) = self.resume.as_deref_mut() {
+            r.deadline = at;
         }
     }
 
@@ -291,10 +390,46 @@ impl State {
     pub fn backend_failed(&mut self, why: String) {
         if matches!(
             self.backend,
-            BackendPhase::Resolved | BackendPhase::Failed(_)
+            BackendPhase::Resolved
+                | BackendPhase::Failed(_)
+                | BackendPhase::Lost(_)
+                | BackendPhase::FailingOver
         ) {
             return;
         }
+        let takes_data = self.client_takes_data();
+        if let Some(r) = self.resume.as_deref_mut()
+            && takes_data
+        {
+            let refused = if r.failovers >= r.max_failovers {
+                Some(Failover::Limit)
+            } else if !r.replay.resumable() {
+                Some(Failover::Window)
+            } else {
+                None
+            };
+            match refused {
+                None => {
+                    self.backend = BackendPhase::Lost(why);
+                    self.fence_deadline = None;
+                    return;
+                }
+                Some(f) => r.outcomes[f as usize] += 1,
+            }
+        }
+        self.fail(why);
+    }
+
+    /// A takeover could not be had: the session ends as a backend failure.
+    pub fn failover_failed(&mut self, how: Failover, why: String) {
+        if let Some(r) = self.resume.as_deref_mut() {
+            r.outcomes[how as usize] += 1;
+        }
+        self.set_failover_deadline(None);
+        self.fail(why);
+    }
+
+    fn fail(&mut self, why: String) {
         self.outcome("backend_failed");
         self.backend = BackendPhase::Failed(why);
         self.fence_deadline = None;
@@ -305,6 +440,7 @@ impl State {
     pub fn shutdown(&mut self) {
         self.outcome("shutdown");
         self.close_client(Some(1001), "proxy shutting down", false, false);
+        self.set_failover_deadline(None);
         if !matches!(
             self.backend,
             BackendPhase::Resolved | BackendPhase::Failed(_)

@@ -408,7 +408,7 @@ pub async fn metrics(admin: SocketAddr) -> Scrape {
 /// `tungstenite_clients_accept_the_upgrade_response`, so a regression there
 /// fails that test alone. Everything after the 101 is tungstenite's.
 pub async fn connect(url: &str) -> Ws {
-    within(STEP, format_args!("connecting to {url}"), async {
+    within(STEP, format!("connecting to {url}"), async {
         let rest = url
             .strip_prefix("ws://")
             .unwrap_or_else(|| panic!("not a ws:// url: {url}"));
