@@ -125,6 +125,7 @@ impl<B, L: SessionLease<B>> RelayLease<B> for ForRelay<L> {
 pub async fn run<S>(
     mut client: FrameStream<S>,
     params: Map<String, Value>,
+    target: route::Target,
     ctx: SessionContext,
     id: String,
 ) where
@@ -132,7 +133,7 @@ pub async fn run<S>(
 {
     ctx.metrics.sessions_active.inc();
     let started = Instant::now();
-    let outcome = run_inner(&mut client, params, &ctx, &id).await;
+    let outcome = run_inner(&mut client, params, &target, &ctx, &id).await;
     ctx.metrics.sessions_active.dec();
     ctx.metrics
         .session_seconds
@@ -147,6 +148,7 @@ pub async fn run<S>(
 async fn run_inner<S>(
     client: &mut FrameStream<S>,
     params: Map<String, Value>,
+    target: &route::Target,
     ctx: &SessionContext,
     id: &str,
 ) -> &'static str
@@ -160,7 +162,7 @@ where
     // session's future for its whole life.
     let leased = Box::pin(async {
         let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_os_rng();
-        route::lease(&ctx.backends, settings.acquire_timeout, &mut rng).await
+        route::lease(&ctx.backends, target, settings.acquire_timeout, &mut rng, m).await
     })
     .await;
     m.acquire_wait_seconds
