@@ -700,6 +700,23 @@ mod tests {
         assert_eq!(parsed.sync_interval, defaults.sync_interval);
         assert_eq!(parsed.db, None);
         assert_eq!(parsed.backends.len(), 3);
+        assert_eq!(parsed.group_parameter, None);
+        assert_eq!(parsed.sticky, None);
+        // The commented-out [sticky] example, uncommented with one key source, holds.
+        let sticky = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [sticky]"))
+            .take_while(|l| l.starts_with("# "))
+            .map(|l| l.trim_start_matches("# "))
+            .filter(|l| !l.starts_with("claim"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let with_sticky: Settings = toml::from_str(&sticky).unwrap();
+        assert_eq!(
+            with_sticky.sticky.as_ref().unwrap().header.as_deref(),
+            Some("x-user-id")
+        );
+        with_sticky.validate().unwrap();
         parsed.validate().unwrap();
     }
 
