@@ -326,15 +326,18 @@ fn count(metrics: &Metrics, outcome: StickyOutcome) {
         .inc();
 }
 
-/// A connection of `b` by `until`: idle, dialed on demand, or released.
+/// A connection of `b` by `until`: idle, dialed on demand (where `b` is
+/// below its max), or released (where it is at its max).
 async fn lease_on(b: &Arc<BackendPool>, until: Instant) -> Option<(Lease<BackendConn>, Acquired)> {
     if let Some(lease) = b.pool.acquire() {
         return Some((lease, Acquired::Idle));
     }
     match dial(b, until).await {
         Dial::Leased(lease) => return Some((lease, Acquired::Dialed)),
-        Dial::TimedOut => return None,
-        Dial::Full | Dial::Failed => {}
+        // A failed dial says the backend is failing: fall back now rather
+        // than wait for a release there.
+        Dial::TimedOut | Dial::Failed => return None,
+        Dial::Full => {}
     }
     let remaining = until.saturating_duration_since(Instant::now());
     match tokio::time::timeout(remaining, b.pool.acquire_wait()).await {
