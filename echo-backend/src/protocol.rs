@@ -322,7 +322,10 @@ mod tests {
         assert_eq!(v["audio_start_ms"], 500);
         assert_eq!(v["audio_end_ms"], 620);
         assert_eq!(v["end_bytes"], 19_850);
-        assert!(v.get("ack_bytes").is_none(), "a partial acknowledges nothing");
+        assert!(
+            v.get("ack_bytes").is_none(),
+            "a partial acknowledges nothing"
+        );
         assert_eq!(v["queue_ms"], 7);
         assert!(v["text"].is_string());
         let v: serde_json::Value = serde_json::from_str(&result(None, &step, 0, "t")).unwrap();

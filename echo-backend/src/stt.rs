@@ -305,7 +305,12 @@ mod tests {
         let steps = s.audio(3_200 + 320, &stt, &mut rng);
         let fin = steps[0];
         assert_eq!(
-            (fin.kind, fin.audio_start_ms, fin.audio_end_ms, fin.end_bytes),
+            (
+                fin.kind,
+                fin.audio_start_ms,
+                fin.audio_end_ms,
+                fin.end_bytes
+            ),
             (Kind::Final, 2_000, 2_100, 67_200)
         );
         let partial = steps[1];

@@ -22,6 +22,7 @@ use crate::config::db::{Db, DbError, DbKind};
 use crate::config::sync::{ConfigSync, SyncStatus};
 use crate::handshake::OriginPolicy;
 use crate::metrics::Metrics;
+use crate::route::KeySource;
 use crate::server::{self, ServerContext};
 use crate::session::SessionContext;
 use crate::tls::{self, CertFiles, TlsError, TlsListener};
@@ -190,11 +191,16 @@ impl Proxy {
                 )
             }
         };
+        let routing = settings.routing()?;
         let (auth, key_watch) = Authenticator::new(
             settings.auth_mode()?,
             settings.api_keys.clone(),
             settings.jwt.as_ref(),
         )?;
+        let auth = auth.with_key_claim(match routing.sticky.as_ref().map(|s| &s.key) {
+            Some(KeySource::Claim(name)) => Some(name.clone()),
+            _ => None,
+        });
         if let (Some(seen), Some(jwt)) = (key_watch, &settings.jwt) {
             metrics.jwt_keys.set(seen.store.key_count());
             background.spawn(keys::watch(
@@ -206,22 +212,25 @@ impl Proxy {
         }
         let draining = Arc::new(AtomicBool::new(false));
         let sessions_stop = CancellationToken::new();
-        let server = Arc::new(ServerContext::new(
-            SessionContext {
-                backends: backends.clone(),
-                metrics: metrics.clone(),
-                settings: Arc::new(settings.session_settings()),
-                shutdown: sessions_stop.clone(),
-            },
-            settings.stream_path.clone(),
-            settings.handshake_timeout,
-            settings.max_connections,
-            settings.max_connections_per_ip,
-            auth,
-            OriginPolicy::new(&settings.allowed_origins, settings.allow_missing_origin),
-            settings.handshake_limits(),
-            draining.clone(),
-        ));
+        let server = Arc::new(
+            ServerContext::new(
+                SessionContext {
+                    backends: backends.clone(),
+                    metrics: metrics.clone(),
+                    settings: Arc::new(settings.session_settings()),
+                    shutdown: sessions_stop.clone(),
+                },
+                settings.stream_path.clone(),
+                settings.handshake_timeout,
+                settings.max_connections,
+                settings.max_connections_per_ip,
+                auth,
+                OriginPolicy::new(&settings.allowed_origins, settings.allow_missing_origin),
+                settings.handshake_limits(),
+                draining.clone(),
+            )
+            .with_routing(routing),
+        );
         let tls = match (client_cert, settings.client_tls_files()) {
             (Some((current, loaded)), Some((cert, key))) => {
                 let files = CertFiles::new(cert, key, current.clone(), loaded, metrics.clone());

@@ -91,6 +91,10 @@ enum BackendsCommand {
         /// none: each pre-warmed connection carries one session.
         #[arg(long, value_enum, default_value_t = Reuse::Fenced)]
         reuse: Reuse,
+        /// The group it serves: sessions are routed only among the backends
+        /// of their group (docs/pool.md, "Groups and sticky routing").
+        #[arg(long, value_name = "NAME", default_value = sttproxy::route::DEFAULT_GROUP)]
+        group: String,
     },
     /// Change a backend's values (the others stay).
     Set {
@@ -108,6 +112,8 @@ enum BackendsCommand {
         weight: Option<u32>,
         #[arg(long, value_enum)]
         reuse: Option<Reuse>,
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
     },
     /// Remove a backend: its pool drains (sessions finish, then its connections close).
     Remove {
@@ -258,6 +264,7 @@ fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
             max_size: args.max_size,
             weight: None,
             reuse: None,
+            group: None,
         });
     }
     s.validate()?;
@@ -412,6 +419,7 @@ async fn backends(cmd: BackendsCommand) -> anyhow::Result<()> {
             max,
             weight,
             reuse,
+            group,
         } => {
             let mut spec =
                 BackendSpec::from_url(&url, target, max.unwrap_or(DEFAULT_MAX.max(target)));
@@ -423,6 +431,7 @@ async fn backends(cmd: BackendsCommand) -> anyhow::Result<()> {
             }
             spec.weight = weight;
             spec.reuse = reuse;
+            spec.group = group;
             let db = open(&db).await?;
             let added = db.add(&spec).await;
             db.close().await;
@@ -437,6 +446,7 @@ async fn backends(cmd: BackendsCommand) -> anyhow::Result<()> {
             max,
             weight,
             reuse,
+            group,
         } => {
             let patch = BackendPatch {
                 url,
@@ -444,10 +454,11 @@ async fn backends(cmd: BackendsCommand) -> anyhow::Result<()> {
                 max_size: max,
                 weight,
                 reuse,
+                group,
             };
             if patch.is_empty() {
                 anyhow::bail!(
-                    "nothing to change: give at least one of --url, --target, --max, --weight, --reuse"
+                    "nothing to change: give at least one of --url, --target, --max, --weight, --reuse, --group"
                 );
             }
             let db = open(&db).await?;
@@ -484,18 +495,19 @@ async fn backends(cmd: BackendsCommand) -> anyhow::Result<()> {
 
 fn describe(spec: &BackendSpec) -> String {
     format!(
-        "url {}, target {}, max {}, weight {}, reuse {}{}",
+        "url {}, target {}, max {}, weight {}, reuse {}, group {}{}",
         redact(&spec.url),
         spec.target_size,
         spec.max_size,
         spec.weight,
         spec.reuse,
+        spec.group,
         if spec.enabled { "" } else { ", disabled" }
     )
 }
 
 /// `{"backends":[{id, url, target_size, max_size, weight, enabled, reuse,
-/// updated_at, error}]}`; `error` says why the proxy rejects a row (null if it
+/// group, updated_at, error}]}`; `error` says why the proxy rejects a row (null if it
 /// does not).
 fn list_json(rows: &[RowRead]) -> serde_json::Value {
     let items: Vec<serde_json::Value> = rows
@@ -523,7 +535,7 @@ fn list_json(rows: &[RowRead]) -> serde_json::Value {
 
 fn write_table(out: &mut impl Write, rows: &[RowRead]) -> anyhow::Result<()> {
     let header = [
-        "ID", "URL", "TARGET", "MAX", "WEIGHT", "ENABLED", "REUSE", "UPDATED",
+        "ID", "URL", "TARGET", "MAX", "WEIGHT", "ENABLED", "REUSE", "GROUP", "UPDATED",
     ]
     .map(String::from);
     let mut lines: Vec<(Vec<String>, Option<String>)> = vec![(header.to_vec(), None)];
@@ -538,6 +550,7 @@ fn write_table(out: &mut impl Write, rows: &[RowRead]) -> anyhow::Result<()> {
                     row.weight.to_string(),
                     if row.enabled { "yes" } else { "no" }.to_string(),
                     row.reuse.clone(),
+                    row.group_name.clone(),
                     row.updated_at.clone(),
                 ],
                 row.to_spec().err(),
@@ -545,7 +558,7 @@ fn write_table(out: &mut impl Write, rows: &[RowRead]) -> anyhow::Result<()> {
             Err(u) => lines.push((vec![u.id.clone()], Some(u.reason.clone()))),
         }
     }
-    let mut widths = [0usize; 8];
+    let mut widths = [0usize; 9];
     for (cells, _) in &lines {
         for (w, c) in widths.iter_mut().zip(cells) {
             *w = (*w).max(c.chars().count());

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub messages: Family<DirectionLabel, Counter>,
     pub bytes: Family<DirectionLabel, Counter>,
     pub acquire: Family<OutcomeLabel, Counter>,
+    /// Sessions in sticky groups, by what their key's backend did.
+    pub sticky_routes: Family<OutcomeLabel, Counter>,
     pub fencing: Family<OutcomeLabel, Counter>,
     pub refused: Family<OutcomeLabel, Counter>,
     /// Messages the relay dropped instead of forwarding, by reason.
@@ -101,6 +103,7 @@ impl Metrics {
             messages: Family::default(),
             bytes: Family::default(),
             acquire: Family::default(),
+            sticky_routes: Family::default(),
             fencing: Family::default(),
             refused: Family::default(),
             relay_dropped: Family::default(),
@@ -140,6 +143,14 @@ impl Metrics {
             "acquire",
             "Backend connection acquisitions, by outcome (idle, dialed, waited, timeout, no_backend)",
             m.acquire.clone(),
+        );
+        registry.register(
+            "sticky_routes",
+            "Sessions routed in sticky groups, by outcome (hit: served by the backend its key \
+             chooses; unhealthy: that backend was unhealthy or draining, busy: it had no \
+             connection within sticky.wait — both fell back to power-of-two-choices; \
+             no_key: the session carried no key)",
+            m.sticky_routes.clone(),
         );
         registry.register(
             "fencing",

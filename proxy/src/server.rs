@@ -38,6 +38,7 @@ use crate::auth::Authenticator;
 use crate::handshake::{self, HandshakeLimits, OriginPolicy, Refusal};
 use crate::metrics::OutcomeLabel;
 use crate::relay::{FrameStream, Peer};
+use crate::route::{Routing, Target};
 use crate::session::{self, SessionContext};
 use crate::tls::TlsListener;
 
@@ -52,6 +53,8 @@ pub struct ServerContext {
     pub auth: Authenticator,
     pub origins: OriginPolicy,
     pub limits: HandshakeLimits,
+    /// How a request maps to its backend group and sticky key.
+    pub routing: Routing,
     /// Set at shutdown: new upgrades get 503.
     pub draining: Arc<AtomicBool>,
     open: AtomicUsize,
@@ -80,10 +83,18 @@ impl ServerContext {
             auth,
             origins,
             limits,
+            routing: Routing::default(),
             draining,
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Route sessions by `routing` (default: every session in the group
+    /// `default`, none sticky).
+    pub fn with_routing(mut self, routing: Routing) -> Self {
+        self.routing = routing;
+        self
     }
 
     /// Client connections open now (upgraded or not).
@@ -197,7 +208,7 @@ async fn handle_tls_connection(
     handle_connection(stream, peer, ctx).await;
 }
 
-type Pending = Arc<Mutex<Option<(hyper::upgrade::OnUpgrade, Map<String, Value>)>>>;
+type Pending = Arc<Mutex<Option<(hyper::upgrade::OnUpgrade, Map<String, Value>, Target)>>>;
 
 /// One client connection: the HTTP phase, then (if upgraded) the session, in
 /// this one task. The HTTP phase is boxed so its state (hyper's connection,
@@ -207,13 +218,14 @@ async fn handle_connection<S>(stream: S, peer: SocketAddr, ctx: Arc<ServerContex
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some((ws, params, admission)) = Box::pin(http_phase(stream, peer, &ctx)).await else {
+    let Some((ws, params, target, admission)) = Box::pin(http_phase(stream, peer, &ctx)).await
+    else {
         return;
     };
     let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_os_rng();
     let id = session::new_session_id(&mut rng);
     tracing::debug!(%peer, session = %id, "session upgraded");
-    session::run(ws, params, ctx.session.clone(), id).await;
+    session::run(ws, params, target, ctx.session.clone(), id).await;
     drop(admission);
 }
 
@@ -222,7 +234,7 @@ async fn http_phase<S>(
     stream: S,
     peer: SocketAddr,
     ctx: &Arc<ServerContext>,
-) -> Option<(FrameStream<S>, Map<String, Value>, Admission)>
+) -> Option<(FrameStream<S>, Map<String, Value>, Box<Target>, Admission)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -271,7 +283,7 @@ where
         Ok(mut g) => g.take(),
         Err(p) => p.into_inner().take(),
     };
-    let (on_upgrade, params) = taken?;
+    let (on_upgrade, params, target) = taken?;
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
@@ -287,7 +299,9 @@ where
         }
     };
     let ws = FrameStream::new(parts.io.into_inner(), parts.read_buf.to_vec(), Peer::Client);
-    Some((ws, params, admission))
+    // Boxed: the session keeps it for its whole life (its group, for a
+    // failover), and every session's future would otherwise carry its size.
+    Some((ws, params, Box::new(target), admission))
 }
 
 /// Requests hyper refused itself (a head past the limits, a malformed
@@ -455,10 +469,13 @@ fn respond(
                 .collect()
         })
         .unwrap_or_default();
+    let target = ctx
+        .routing
+        .target(&params, req.headers(), granted.key_claim.as_deref());
     let on_upgrade = hyper::upgrade::on(&mut req);
     match pending.lock() {
-        Ok(mut g) => *g = Some((on_upgrade, params)),
-        Err(p) => *p.into_inner() = Some((on_upgrade, params)),
+        Ok(mut g) => *g = Some((on_upgrade, params, target)),
+        Err(p) => *p.into_inner() = Some((on_upgrade, params, target)),
     }
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

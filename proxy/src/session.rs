@@ -132,6 +132,8 @@ impl<L: Send + 'static> Takeover<ForRelay<L>> for ForRelayTakeover<L> {
 /// session has used.
 struct RouteTakeover {
     backends: Backends,
+    /// The session's backend group: a takeover stays in it.
+    group: String,
     acquire_timeout: Duration,
     /// The backends the session has had, the current one last.
     used: Arc<std::sync::Mutex<Vec<String>>>,
@@ -140,6 +142,7 @@ struct RouteTakeover {
 impl Takeover<Lease<BackendConn>> for RouteTakeover {
     fn next_lease(&mut self) -> TakeoverFuture<Lease<BackendConn>> {
         let backends = self.backends.clone();
+        let group = self.group.clone();
         let used = self.used.clone();
         let timeout = self.acquire_timeout;
         let lock = |used: &std::sync::Mutex<Vec<String>>| -> Vec<String> {
@@ -151,7 +154,7 @@ impl Takeover<Lease<BackendConn>> for RouteTakeover {
         Box::pin(async move {
             let exclude = lock(&used);
             let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_os_rng();
-            match route::lease_takeover(&backends, &exclude, timeout, &mut rng).await {
+            match route::lease_takeover(&backends, &group, &exclude, timeout, &mut rng).await {
                 Ok((backend, lease, _)) => {
                     match used.lock() {
                         Ok(mut g) => g.push(backend.id.clone()),
@@ -182,6 +185,7 @@ impl<B, L: SessionLease<B>> RelayLease<B> for ForRelay<L> {
 pub async fn run<S>(
     mut client: FrameStream<S>,
     params: Map<String, Value>,
+    target: Box<route::Target>,
     ctx: SessionContext,
     id: String,
 ) where
@@ -189,7 +193,7 @@ pub async fn run<S>(
 {
     ctx.metrics.sessions_active.inc();
     let started = Instant::now();
-    let outcome = run_inner(&mut client, params, &ctx, &id).await;
+    let outcome = run_inner(&mut client, params, &target, &ctx, &id).await;
     ctx.metrics.sessions_active.dec();
     ctx.metrics
         .session_seconds
@@ -204,6 +208,7 @@ pub async fn run<S>(
 async fn run_inner<S>(
     client: &mut FrameStream<S>,
     params: Map<String, Value>,
+    target: &route::Target,
     ctx: &SessionContext,
     id: &str,
 ) -> &'static str
@@ -217,7 +222,7 @@ where
     // session's future for its whole life.
     let leased = Box::pin(async {
         let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_os_rng();
-        route::lease(&ctx.backends, settings.acquire_timeout, &mut rng).await
+        route::lease(&ctx.backends, target, settings.acquire_timeout, &mut rng, m).await
     })
     .await;
     m.acquire_wait_seconds
@@ -253,6 +258,7 @@ where
         (backend.reuse == Reuse::Resumable && settings.failover.is_some()).then(|| {
             Box::new(RouteTakeover {
                 backends: ctx.backends.clone(),
+                group: target.group.clone(),
                 acquire_timeout: settings.acquire_timeout,
                 used: Arc::new(std::sync::Mutex::new(vec![backend.id.clone()])),
             }) as Box<dyn Takeover<Lease<BackendConn>>>

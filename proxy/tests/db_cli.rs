@@ -74,6 +74,8 @@ fn exercise(db: &str) {
             "3",
             "--reuse",
             "none",
+            "--group",
+            "diarize",
         ],
     );
     let rows = list(db);
@@ -86,6 +88,7 @@ fn exercise(db: &str) {
     assert_eq!(default["weight"], 1);
     assert_eq!(default["enabled"], true);
     assert_eq!(default["reuse"], "fenced");
+    assert_eq!(default["group"], "default");
     assert_eq!(default["error"], Value::Null);
     let gpu = &rows[1];
     assert_eq!(
@@ -100,6 +103,7 @@ fn exercise(db: &str) {
         (gpu["weight"].as_i64(), gpu["reuse"].as_str()),
         (Some(3), Some("none"))
     );
+    assert_eq!(gpu["group"], "diarize");
     assert!(gpu["updated_at"].as_str().is_some_and(|t| t.len() >= 19));
 
     // Errors: duplicate id, invalid values, unknown ids.
@@ -149,6 +153,12 @@ fn exercise(db: &str) {
     );
     fails(
         db,
+        &["add", "--url", "ws://127.0.0.1:9009", "--group", "a b"],
+        "may hold only",
+    );
+    fails(db, &["set", "gpu-2", "--group", ""], "empty group");
+    fails(
+        db,
         &["set", "nope", "--target", "1"],
         "no backend with id \"nope\"",
     );
@@ -175,6 +185,10 @@ fn exercise(db: &str) {
         (gpu["weight"].as_i64(), gpu["reuse"].as_str()),
         (Some(3), Some("fenced"))
     );
+    assert_eq!(gpu["group"], "diarize");
+    let out = ok(db, &["set", "gpu-2", "--group", "en-US.large"]);
+    assert!(out.contains("group en-US.large"), "{out}");
+    assert_eq!(list(db)[1]["group"], "en-US.large");
     ok(
         db,
         &[

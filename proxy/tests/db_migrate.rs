@@ -27,7 +27,7 @@ fn listed(m: &Migrator) -> Vec<(i64, String, Vec<u8>)> {
 }
 
 /// The embedded migrations are exactly the files in the source folder: with
-/// `build.rs` rebuilding on any change there, a new `0002_*.sql` file is
+/// `build.rs` rebuilding on any change there, a new `NNNN_*.sql` file is
 /// embedded, and [`a_new_migration_file_is_applied`] shows the apply path
 /// runs it.
 #[tokio::test]
@@ -50,7 +50,7 @@ async fn the_embedded_migrations_are_the_source_files() {
     }
 }
 
-/// A migration folder with one more file than the source's (`0002_*.sql`)
+/// A migration folder with one more file than the source's (the next number)
 /// applied by the same function the proxy and the CLI use: the new version is
 /// recorded and its change is there; applying again changes nothing.
 #[tokio::test]
@@ -63,8 +63,13 @@ async fn a_new_migration_file_is_applied() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, folder.join(path.file_name().unwrap())).unwrap();
     }
+    let source_versions: Vec<i64> = listed(&Migrator::new(source.as_path()).await.unwrap())
+        .into_iter()
+        .map(|(v, _, _)| v)
+        .collect();
+    let next = source_versions.last().unwrap() + 1;
     std::fs::write(
-        folder.join("0002_backend_note.sql"),
+        folder.join(format!("{next:04}_backend_note.sql")),
         "ALTER TABLE backends ADD COLUMN note TEXT NOT NULL DEFAULT 'none';\n",
     )
     .unwrap();
@@ -81,15 +86,16 @@ async fn a_new_migration_file_is_applied() {
         c.close().await.unwrap();
         v
     };
-    assert_eq!(versions().await, [1]);
+    assert_eq!(versions().await, source_versions);
     // Migrated under the cross-process lock beside the file.
     assert!(dir.path().join("m.db-migrate.lock").exists());
 
     let with_new_file = Migrator::new(folder.as_path()).await.unwrap();
+    let with_next: Vec<i64> = source_versions.iter().copied().chain([next]).collect();
     db.apply_migrations(&with_new_file).await.unwrap();
-    assert_eq!(versions().await, [1, 2]);
+    assert_eq!(versions().await, with_next);
     db.apply_migrations(&with_new_file).await.unwrap();
-    assert_eq!(versions().await, [1, 2]);
+    assert_eq!(versions().await, with_next);
     {
         use sqlx::Connection;
         let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
@@ -105,7 +111,61 @@ async fn a_new_migration_file_is_applied() {
     db.close().await;
 }
 
-/// Tasks with a pool each, then processes (the CLI) together with a proxy,
+/// Migration 0002 (backend groups) on a table made by 0001 with a row in it:
+/// the row is in the group `default` (routing as before), and a hand edit of
+/// `group_name` bumps the change counter (the proxy sees it) and refreshes
+/// `updated_at` (the touch trigger, recreated to watch the new column).
+#[tokio::test]
+async fn the_group_migration_keeps_rows_in_default_and_sees_hand_edits() {
+    use sqlx::Connection;
+    let dir = temp_dir("migrate-group");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+    let first_only = dir.path().join("first");
+    std::fs::create_dir_all(&first_only).unwrap();
+    std::fs::copy(
+        source.join("0001_backends.sql"),
+        first_only.join("0001_backends.sql"),
+    )
+    .unwrap();
+    let url = sqlite_url(dir.path(), "g.db");
+    let db = Db::connect_lazy(&url).unwrap();
+    db.apply_migrations(&Migrator::new(first_only.as_path()).await.unwrap())
+        .await
+        .unwrap();
+    let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("INSERT INTO backends (id, url) VALUES ('a', 'ws://127.0.0.1:1')")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    let rows = db.rows().await.unwrap();
+    let row = rows[0].as_ref().unwrap();
+    assert_eq!(row.group_name, "default");
+    assert_eq!(row.to_spec().unwrap().group, "default");
+
+    let long_ago = "2000-01-01T00:00:00.000Z";
+    sqlx::query("UPDATE backends SET updated_at = $1 WHERE id = 'a'")
+        .bind(long_ago)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let version = db.version().await.unwrap();
+    sqlx::query("UPDATE backends SET group_name = 'diarize' WHERE id = 'a'")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    assert!(db.version().await.unwrap() > version);
+    let rows = db.rows().await.unwrap();
+    let row = rows[0].as_ref().unwrap();
+    assert_eq!(row.group_name, "diarize");
+    assert_ne!(
+        row.updated_at, long_ago,
+        "the touch trigger watches group_name"
+    );
+    c.close().await.unwrap();
+    db.close().await;
+}
+
 /// all starting on a fresh SQLite file: every one migrates or finds it
 /// migrated; none fails with "table backends already exists" or "database
 /// is locked". The race is narrow: with sqlx's migrator alone a run of these

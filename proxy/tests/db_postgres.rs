@@ -323,6 +323,7 @@ async fn pg_concurrent_first_starts_seed_once() {
             max_size: Some(2),
             weight: None,
             reuse: None,
+            group: None,
         }];
         let (p1, p2) = tokio::join!(Proxy::start(&s), Proxy::start(&s));
         let (p1, p2) = (p1.unwrap(), p2.unwrap());
@@ -370,6 +371,7 @@ async fn pg_start_while_the_database_is_down() {
             max_size: Some(4),
             weight: None,
             reuse: None,
+            group: None,
         }];
         let proxy = Proxy::start(&s).await.unwrap();
         let admin = proxy.admin_addr();

@@ -285,6 +285,7 @@ async fn settings_backends_seed_an_empty_table_once() {
             max_size: Some(4),
             weight: None,
             reuse: None,
+            group: None,
         };
         let mut s = settings(&url, Duration::from_millis(200));
         s.backends = vec![entry("a", a.url())];

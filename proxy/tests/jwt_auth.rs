@@ -239,6 +239,7 @@ async fn a_valid_token_from_each_source_opens_a_session() {
                 max_size: Some(4),
                 weight: None,
                 reuse: None,
+                group: None,
             }];
             s.jwt = Some(jwt_settings(dir.path()));
         })
@@ -914,6 +915,82 @@ async fn chromium_sends_the_token_as_a_subprotocol() {
         let lone = lines.iter().find(|l| l["case"] == "token only").unwrap();
         assert_eq!(lone["opened"], false, "{lone}");
         assert_eq!(lone["code"], 1006, "{lone}");
+        h.stop().await;
+    })
+    .await;
+}
+
+/// Sticky routing keyed by a claim (`[sticky] claim = "sub"`): every session
+/// of one `sub` lands on the backend weighted rendezvous hashing gives that
+/// value, whatever the token (a fresh one each time); a token without the
+/// claim still opens a session, routed as usual and counted `no_key`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_routing_keys_on_the_verified_claim() {
+    bounded(TEST_LIMIT, async {
+        let dir = temp_dir("jwt-sticky");
+        let h = Harness::start(3, echo(), |s| {
+            s.jwt = Some(jwt_settings(dir.path()));
+            s.sticky = Some(sttproxy::config::StickySettings {
+                claim: Some("sub".into()),
+                ..Default::default()
+            });
+        })
+        .await;
+        h.wait_warm().await;
+        let ids = ["b0", "b1", "b2"];
+        let served_by = async |claims: &Value| -> &str {
+            let before: Vec<u64> = h
+                .backends
+                .iter()
+                .map(|b| b.stats().sessions_started)
+                .collect();
+            let token = sign(Algorithm::ES256, &ec("ec_a"), None, claims);
+            let auth = format!("Bearer {token}");
+            let mut answer = upgrade(h.listen, "/v1/stream", &[("Authorization", &auth)]).await;
+            assert_eq!(answer.status, 101, "{}", answer.head);
+            let ws = answer.ws.as_mut().unwrap();
+            let id = expect_started(ws).await;
+            let served: Vec<usize> = (0..3)
+                .filter(|&i| h.backends[i].stats().sessions_started > before[i])
+                .collect();
+            assert_eq!(served.len(), 1);
+            echoes(ws, "keyed").await;
+            end_session(ws, &id).await;
+            ids[served[0]]
+        };
+        let mut used = Vec::new();
+        for i in 0..9 {
+            let sub = format!("user-{i}");
+            let expected = sttproxy::route::rendezvous(
+                &ids,
+                sttproxy::route::StickyKey::of(sub.as_bytes()),
+                |id| *id,
+                |_| 1,
+            )
+            .unwrap();
+            for n in 0..2 {
+                let mut claims = good_claims();
+                claims["sub"] = sub.clone().into();
+                claims["iat"] = (now() - n).into();
+                assert_eq!(served_by(&claims).await, *expected, "sub {sub}");
+            }
+            used.push(*expected);
+        }
+        used.sort();
+        used.dedup();
+        assert_eq!(used, ids, "9 subjects over 3 backends");
+        let mut anonymous = good_claims();
+        anonymous.as_object_mut().unwrap().remove("sub");
+        served_by(&anonymous).await;
+        let m = h.metrics().await;
+        assert_eq!(
+            m.count(r#"sttproxy_sticky_routes_total{outcome="hit"}"#),
+            18.0
+        );
+        assert_eq!(
+            m.count(r#"sttproxy_sticky_routes_total{outcome="no_key"}"#),
+            1.0
+        );
         h.stop().await;
     })
     .await;

@@ -56,6 +56,7 @@ fn only_backend(s: &mut sttproxy::Settings, url: String) {
         max_size: Some(1),
         weight: None,
         reuse: None,
+        group: None,
     }];
 }
 

@@ -192,6 +192,22 @@ impl Verifier {
 
     /// `Ok` when some current key verifies `token` and its claims hold.
     pub fn verify(&self, token: &str) -> Result<(), JwtError> {
+        self.verify_as::<IgnoredAny>(token).map(|_| ())
+    }
+
+    /// As [`Verifier::verify`], also reading the claim `name` of a verified
+    /// token (its sticky routing key): a string as it is, a number as its
+    /// decimal text; absent or of another type: `None`.
+    pub fn verify_reading(&self, token: &str, name: &str) -> Result<Option<String>, JwtError> {
+        let mut claims = self.verify_as::<serde_json::Map<String, serde_json::Value>>(token)?;
+        Ok(match claims.remove(name) {
+            Some(serde_json::Value::String(s)) => Some(s),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        })
+    }
+
+    fn verify_as<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, JwtError> {
         let header = parse_header(token)?;
         let keys = self.keys.current();
         // A token signed with HS256 where only RSA/EC keys are configured
@@ -205,8 +221,8 @@ impl Verifier {
         let mut tried = false;
         for key in keys.candidates(header.alg, header.kid.as_deref()) {
             tried = true;
-            match jsonwebtoken::decode::<IgnoredAny>(token, &key.key, validation) {
-                Ok(_) => return Ok(()),
+            match jsonwebtoken::decode::<T>(token, &key.key, validation) {
+                Ok(data) => return Ok(data.claims),
                 // Another key of the same algorithm may have signed it.
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {}
                 // The signature held (it is checked first): a claim failed,

@@ -199,6 +199,9 @@ pub struct AuthError(#[from] keys::KeyError);
 pub struct Granted {
     /// The `Sec-WebSocket-Protocol` to answer (a token came as a subprotocol).
     pub protocol: Option<HeaderValue>,
+    /// The verified token's key claim ([`Authenticator::with_key_claim`]),
+    /// when a token granted the request and carries it.
+    pub key_claim: Option<String>,
 }
 
 /// A refused request: its refusal and, for a 401, the `WWW-Authenticate`
@@ -239,6 +242,8 @@ pub struct Authenticator {
     mode: AuthMode,
     api_keys: Vec<String>,
     jwt: Option<JwtAuth>,
+    /// A claim to read from verified tokens (sticky routing's key).
+    key_claim: Option<String>,
 }
 
 impl Authenticator {
@@ -276,6 +281,7 @@ impl Authenticator {
                 mode,
                 api_keys,
                 jwt,
+                key_claim: None,
             },
             watch,
         ))
@@ -287,7 +293,15 @@ impl Authenticator {
             mode: AuthMode::None,
             api_keys: Vec::new(),
             jwt: None,
+            key_claim: None,
         }
+    }
+
+    /// Read the claim `name` of every verified token into
+    /// [`Granted::key_claim`].
+    pub fn with_key_claim(mut self, name: Option<String>) -> Self {
+        self.key_claim = name;
+        self
     }
 
     pub fn mode(&self) -> AuthMode {
@@ -316,7 +330,15 @@ impl Authenticator {
                 let Some(token) = token else {
                     return Err(Denied::missing());
                 };
-                jwt.verifier.verify(&token).map_err(Denied::invalid_token)?;
+                match &self.key_claim {
+                    None => jwt.verifier.verify(&token).map_err(Denied::invalid_token)?,
+                    Some(name) => {
+                        granted.key_claim = jwt
+                            .verifier
+                            .verify_reading(&token, name)
+                            .map_err(Denied::invalid_token)?;
+                    }
+                }
                 Ok(granted)
             }
         }
@@ -436,6 +458,7 @@ mod tests {
             mode: AuthMode::ApiKey,
             api_keys: vec!["k1".into()],
             jwt: Option::None,
+            key_claim: Option::None,
         };
         let with = |name: &'static str, value: &'static str| {
             let mut h = HeaderMap::new();

@@ -73,6 +73,9 @@ pub const MAX_POOL_SIZE: usize = 65_536;
 /// The longest backend id (it is a metrics label and a log field).
 pub const MAX_ID_LEN: usize = 200;
 
+/// The longest backend group name.
+pub const MAX_GROUP_LEN: usize = 100;
+
 /// One backend row: where it is and how big its pool should be.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendSpec {
@@ -83,6 +86,9 @@ pub struct BackendSpec {
     pub weight: u32,
     pub enabled: bool,
     pub reuse: Reuse,
+    /// The group it serves (docs/pool.md, "Groups and sticky routing"):
+    /// a session is routed only among the backends of its group.
+    pub group: String,
 }
 
 impl BackendSpec {
@@ -100,6 +106,7 @@ impl BackendSpec {
             weight: 1,
             enabled: true,
             reuse: Reuse::Fenced,
+            group: crate::route::DEFAULT_GROUP.to_string(),
         }
     }
 
@@ -133,6 +140,25 @@ impl BackendSpec {
         if self.weight == 0 {
             return Err("weight is 0".into());
         }
-        Ok(())
+        validate_group(&self.group)
     }
+}
+
+/// A group name: a short printable word, as clients name it in a query parameter.
+pub fn validate_group(group: &str) -> Result<(), String> {
+    if group.is_empty() {
+        return Err("empty group".into());
+    }
+    if group.len() > MAX_GROUP_LEN {
+        return Err(format!("group longer than {MAX_GROUP_LEN} bytes"));
+    }
+    if !group
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "group {group:?} may hold only ASCII letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
 }

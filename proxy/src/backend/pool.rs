@@ -57,6 +57,8 @@ pub struct BackendPool {
     pub id: String,
     pub url: String,
     pub reuse: Reuse,
+    /// The group it serves; a change replaces the pool.
+    pub group: String,
     weight: AtomicU32,
     pub pool: ConnPool<BackendConn>,
     pub health: Arc<Health>,
@@ -71,6 +73,7 @@ pub struct BackendPool {
 pub struct PoolView {
     pub id: String,
     pub url: String,
+    pub group: String,
     pub healthy: bool,
     pub draining: bool,
     pub target: usize,
@@ -128,6 +131,7 @@ impl BackendPool {
             id: spec.id.clone(),
             url: spec.url.clone(),
             reuse: spec.reuse,
+            group: spec.group.clone(),
             weight: AtomicU32::new(spec.weight.max(1)),
             pool: pool.clone(),
             health: health.clone(),
@@ -201,6 +205,7 @@ impl BackendPool {
         PoolView {
             id: self.id.clone(),
             url: self.url.clone(),
+            group: self.group.clone(),
             healthy: self.is_healthy(),
             draining: s.draining,
             target: s.target,

@@ -221,6 +221,9 @@ pub struct BackendRow {
     pub weight: i64,
     pub enabled: bool,
     pub reuse: String,
+    /// The backend's group (`group_name`: `group` is an SQL keyword).
+    #[serde(rename = "group")]
+    pub group_name: String,
     pub updated_at: String,
 }
 
@@ -259,6 +262,7 @@ impl BackendRow {
             weight,
             enabled: self.enabled,
             reuse,
+            group: self.group_name.clone(),
         };
         spec.validate()?;
         Ok(spec)
@@ -286,6 +290,7 @@ pub struct BackendPatch {
     pub max_size: Option<usize>,
     pub weight: Option<u32>,
     pub reuse: Option<Reuse>,
+    pub group: Option<String>,
 }
 
 impl BackendPatch {
@@ -308,19 +313,19 @@ struct Dialect {
 }
 
 const SQLITE: Dialect = Dialect {
-    select_rows: "SELECT id, url, target_size, max_size, weight, enabled, reuse, updated_at \
+    select_rows: "SELECT id, url, target_size, max_size, weight, enabled, reuse, group_name, updated_at \
                   FROM backends ORDER BY id",
-    select_one: "SELECT id, url, target_size, max_size, weight, enabled, reuse, updated_at \
+    select_one: "SELECT id, url, target_size, max_size, weight, enabled, reuse, group_name, updated_at \
                  FROM backends WHERE id = $1",
     select_meta_for_update: "SELECT seeded FROM sttproxy_meta WHERE id = 1",
     begin_write: "BEGIN IMMEDIATE",
 };
 
 const POSTGRES: Dialect = Dialect {
-    select_rows: "SELECT id, url, target_size, max_size, weight, enabled, reuse, \
+    select_rows: "SELECT id, url, target_size, max_size, weight, enabled, reuse, group_name, \
                   to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS updated_at \
                   FROM backends ORDER BY id",
-    select_one: "SELECT id, url, target_size, max_size, weight, enabled, reuse, \
+    select_one: "SELECT id, url, target_size, max_size, weight, enabled, reuse, group_name, \
                  to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS updated_at \
                  FROM backends WHERE id = $1 FOR UPDATE",
     select_meta_for_update: "SELECT seeded FROM sttproxy_meta WHERE id = 1 FOR UPDATE",
@@ -330,12 +335,14 @@ const POSTGRES: Dialect = Dialect {
 const SELECT_VERSION: &str = "SELECT version FROM sttproxy_meta WHERE id = 1";
 const COUNT_ROWS: &str = "SELECT COUNT(*) FROM backends";
 const MARK_SEEDED: &str = "UPDATE sttproxy_meta SET seeded = $1 WHERE id = 1";
-const INSERT: &str = "INSERT INTO backends (id, url, target_size, max_size, weight, enabled, reuse) \
-                      VALUES ($1, $2, $3, $4, $5, $6, $7)";
-const INSERT_SEED: &str = "INSERT INTO backends (id, url, target_size, max_size, weight, enabled, reuse) \
-                           VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING";
+const INSERT: &str = "INSERT INTO backends \
+                      (id, url, target_size, max_size, weight, enabled, reuse, group_name) \
+                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+const INSERT_SEED: &str = "INSERT INTO backends \
+                           (id, url, target_size, max_size, weight, enabled, reuse, group_name) \
+                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING";
 const UPDATE: &str = "UPDATE backends SET url = $2, target_size = $3, max_size = $4, weight = $5, \
-                      reuse = $6 WHERE id = $1";
+                      reuse = $6, group_name = $7 WHERE id = $1";
 const SET_ENABLED: &str = "UPDATE backends SET enabled = $2 WHERE id = $1";
 const DELETE: &str = "DELETE FROM backends WHERE id = $1";
 
@@ -369,6 +376,7 @@ macro_rules! read_row {
                 weight: row.try_get("weight")?,
                 enabled: row.try_get("enabled")?,
                 reuse: row.try_get("reuse")?,
+                group_name: row.try_get("group_name")?,
                 updated_at: row.try_get("updated_at")?,
             })
         };
@@ -749,6 +757,7 @@ impl Db {
                 .bind(to_i64(spec.max_size))
                 .bind(i64::from(spec.weight))
                 .bind(spec.reuse.to_string())
+                .bind(&spec.group)
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
@@ -785,7 +794,7 @@ fn to_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Bind a spec's values to `$1..$7` of [`INSERT`] / [`INSERT_SEED`].
+/// Bind a spec's values to `$1..$8` of [`INSERT`] / [`INSERT_SEED`].
 fn bind_spec<'q, DB>(
     q: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>,
     spec: &'q BackendSpec,
@@ -804,6 +813,7 @@ where
         .bind(i64::from(spec.weight))
         .bind(spec.enabled)
         .bind(spec.reuse.to_string())
+        .bind(spec.group.as_str())
 }
 
 /// `current` with `patch` applied, validated. A stored value that is invalid
@@ -836,6 +846,10 @@ fn patched(current: &BackendRow, patch: &BackendPatch) -> Result<BackendSpec, St
         weight,
         enabled: current.enabled,
         reuse,
+        group: patch
+            .group
+            .clone()
+            .unwrap_or_else(|| current.group_name.clone()),
     };
     spec.validate()?;
     Ok(spec)
@@ -854,6 +868,7 @@ mod tests {
             weight: 1,
             enabled: true,
             reuse: "fenced".into(),
+            group_name: "default".into(),
             updated_at: String::new(),
         }
     }

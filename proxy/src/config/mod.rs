@@ -6,4 +6,4 @@ pub mod db;
 pub mod settings;
 pub mod sync;
 
-pub use settings::{BackendEntry, ConfigError, LogFormat, Settings};
+pub use settings::{BackendEntry, ConfigError, LogFormat, Settings, StickySettings};

@@ -18,6 +18,7 @@ use crate::reconcile::ReconcileConfig;
 use crate::relay::FailoverSettings;
 use crate::relay::rate::RateLimits;
 use crate::relay::replay::ReplayLimits;
+use crate::route::{KeySource, Routing, StickyRouting};
 use crate::session::SessionSettings;
 use crate::tls::TlsListenerSettings;
 use crate::tls::backend::BackendTlsFiles;
@@ -198,6 +199,15 @@ pub struct Settings {
     /// arrive by polling only (`sttproxy_db_listener_connected` 0).
     #[serde(with = "human_duration")]
     pub db_listener_check_interval: Duration,
+    /// The query parameter by which a client names the backend group of
+    /// its session (docs/pool.md, "Groups and sticky routing"); it is still
+    /// passed to the backend with the others. Unset, or a request without
+    /// it: the group `default`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_parameter: Option<String>,
+    /// Sticky routing (see [`StickySettings`]); absent = none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<StickySettings>,
     /// `text` (human) or `json` logs.
     pub log_format: LogFormat,
     /// The seed backends were named on the command line (`serve --backend`):
@@ -215,6 +225,38 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[sticky]`: in these groups a session with a key is routed to the backend
+/// its key chooses by weighted rendezvous hashing, for backends that keep
+/// per-user context; it falls back to power-of-two-choices when that backend
+/// is unhealthy, draining, or has no connection within `wait`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StickySettings {
+    /// The sticky groups.
+    pub groups: Vec<String>,
+    /// The key is this claim of the verified JWT (needs `[jwt]`)...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
+    /// ...or this request header (one of the two).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// How long a session waits for a connection of its key's backend before
+    /// it falls back (within `acquire_timeout`).
+    #[serde(with = "human_duration")]
+    pub wait: Duration,
+}
+
+impl Default for StickySettings {
+    fn default() -> Self {
+        Self {
+            groups: vec![crate::route::DEFAULT_GROUP.to_string()],
+            claim: None,
+            header: None,
+            wait: Duration::from_millis(500),
+        }
+    }
+}
+
 /// A backend in the settings file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,6 +267,8 @@ pub struct BackendEntry {
     pub max_size: Option<usize>,
     pub weight: Option<u32>,
     pub reuse: Option<Reuse>,
+    /// Its group; unset: `default`.
+    pub group: Option<String>,
 }
 
 impl Default for Settings {
@@ -283,6 +327,8 @@ impl Default for Settings {
             db: None,
             sync_interval: Duration::from_secs(5),
             db_listener_check_interval: Duration::from_secs(10),
+            group_parameter: None,
+            sticky: None,
             log_format: LogFormat::Text,
             seeds_from_flags: false,
         }
@@ -436,6 +482,7 @@ impl Settings {
             jwt.validate().map_err(ConfigError::Invalid)?;
         }
         self.validate_tls()?;
+        self.routing()?;
         if self.max_message_size < 1024 {
             return Err(ConfigError::Invalid(
                 "max_message_size must be at least 1024".into(),
@@ -560,9 +607,75 @@ impl Settings {
                 if let Some(r) = b.reuse {
                     spec.reuse = r;
                 }
+                if let Some(g) = &b.group {
+                    spec.group = g.clone();
+                }
                 spec
             })
             .collect()
+    }
+
+    /// How requests map to backend groups and sticky keys; every error names the key.
+    pub fn routing(&self) -> Result<Routing, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if let Some(p) = &self.group_parameter {
+            if p.is_empty() {
+                return invalid("group_parameter is empty".into());
+            }
+            if self.jwt.as_ref().is_some_and(|j| &j.query_parameter == p) {
+                return invalid(format!(
+                    "group_parameter {p:?} is the JWT query parameter, never read as a group"
+                ));
+            }
+        }
+        let Some(s) = &self.sticky else {
+            return Ok(Routing {
+                group_parameter: self.group_parameter.clone(),
+                sticky: None,
+            });
+        };
+        let key = match (&s.claim, &s.header) {
+            (Some(claim), None) => {
+                if claim.is_empty() {
+                    return invalid("sticky.claim is empty".into());
+                }
+                let jwt_on = matches!(self.auth_mode()?, AuthMode::Jwt | AuthMode::Either);
+                if !jwt_on || self.jwt.is_none() {
+                    return invalid(
+                        "sticky.claim needs JWT authentication ([jwt], auth = jwt or either)"
+                            .into(),
+                    );
+                }
+                KeySource::Claim(claim.clone())
+            }
+            (None, Some(header)) => match http::HeaderName::from_bytes(header.as_bytes()) {
+                Ok(name) => KeySource::Header(name),
+                Err(_) => return invalid(format!("sticky.header {header:?} is not a header name")),
+            },
+            _ => return invalid("[sticky] needs one of claim or header".into()),
+        };
+        if s.groups.is_empty() {
+            return invalid("sticky.groups is empty".into());
+        }
+        for g in &s.groups {
+            crate::backend::validate_group(g)
+                .map_err(|e| ConfigError::Invalid(format!("sticky.groups: {e}")))?;
+        }
+        if s.wait > self.acquire_timeout {
+            return invalid(format!(
+                "sticky.wait = {} is longer than acquire_timeout = {}",
+                humantime::format_duration(s.wait),
+                humantime::format_duration(self.acquire_timeout),
+            ));
+        }
+        Ok(Routing {
+            group_parameter: self.group_parameter.clone(),
+            sticky: Some(StickyRouting {
+                groups: s.groups.clone(),
+                key,
+                wait: s.wait,
+            }),
+        })
     }
 
     pub fn session_settings(&self) -> SessionSettings {
@@ -629,6 +742,23 @@ mod tests {
         assert_eq!(parsed.sync_interval, defaults.sync_interval);
         assert_eq!(parsed.db, None);
         assert_eq!(parsed.backends.len(), 3);
+        assert_eq!(parsed.group_parameter, None);
+        assert_eq!(parsed.sticky, None);
+        // The commented-out [sticky] example, uncommented with one key source, holds.
+        let sticky = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [sticky]"))
+            .take_while(|l| l.starts_with("# "))
+            .map(|l| l.trim_start_matches("# "))
+            .filter(|l| !l.starts_with("claim"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let with_sticky: Settings = toml::from_str(&sticky).unwrap();
+        assert_eq!(
+            with_sticky.sticky.as_ref().unwrap().header.as_deref(),
+            Some("x-user-id")
+        );
+        with_sticky.validate().unwrap();
         parsed.validate().unwrap();
     }
 
@@ -715,5 +845,67 @@ mod tests {
         both.validate().unwrap();
         assert!(both.client_tls_files().is_some());
         assert!(Settings::default().client_tls_files().is_none());
+    }
+
+    #[test]
+    fn sticky_settings_are_checked_naming_the_key() {
+        for (text, says) in [
+            ("[sticky]\n", "one of claim or header"),
+            (
+                "[sticky]\nclaim = \"sub\"\nheader = \"x-user\"\n",
+                "one of claim or header",
+            ),
+            ("[sticky]\nclaim = \"sub\"\n", "sticky.claim needs JWT"),
+            ("[sticky]\nheader = \"x user\"\n", "sticky.header"),
+            (
+                "[sticky]\nheader = \"x-user\"\ngroups = []\n",
+                "sticky.groups",
+            ),
+            (
+                "[sticky]\nheader = \"x-user\"\ngroups = [\"a b\"]\n",
+                "sticky.groups",
+            ),
+            (
+                "acquire_timeout = \"1s\"\n[sticky]\nheader = \"x-user\"\nwait = \"2s\"\n",
+                "sticky.wait",
+            ),
+            ("group_parameter = \"\"\n", "group_parameter"),
+        ] {
+            let s: Settings = toml::from_str(text).unwrap();
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        let s: Settings =
+            toml::from_str("[[backends]]\nurl = \"ws://127.0.0.1:1\"\ngroup = \"x y\"\n").unwrap();
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("group \"x y\""), "{err}");
+    }
+
+    #[test]
+    fn a_request_maps_to_its_group_and_key() {
+        let s: Settings = toml::from_str(
+            "group_parameter = \"model\"\n[sticky]\nheader = \"x-user\"\ngroups = [\"large\"]\n",
+        )
+        .unwrap();
+        let routing = s.routing().unwrap();
+        let params = |q: &str| -> serde_json::Map<String, serde_json::Value> {
+            form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned().into()))
+                .collect()
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-user", http::HeaderValue::from_static("alice"));
+        let t = routing.target(&params("lang=en"), &headers, None);
+        assert_eq!((t.group.as_str(), t.sticky), ("default", None));
+        let t = routing.target(&params("model=large"), &headers, None);
+        assert_eq!(t.group, "large");
+        let sticky = t.sticky.unwrap();
+        assert_eq!(sticky.key, Some(crate::route::StickyKey::of(b"alice")));
+        assert_eq!(sticky.wait, StickySettings::default().wait);
+        let t = routing.target(&params("model=large"), &http::HeaderMap::new(), None);
+        assert_eq!(t.sticky.unwrap().key, None);
+        // A claim is not the header's source.
+        let t = routing.target(&params("model=large"), &http::HeaderMap::new(), Some("bob"));
+        assert_eq!(t.sticky.unwrap().key, None);
     }
 }

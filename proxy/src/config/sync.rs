@@ -20,7 +20,7 @@
 //! - new row → a new [`BackendPool`], warmed to its target by its worker;
 //! - target / max / weight changed → [`BackendPool::resize`] (the pool's idle
 //!   queue capacity is fixed: a max above it replaces the pool instead);
-//! - url or reuse changed → replace: a new pool starts, the old one retires;
+//! - url, reuse or group changed → replace: a new pool starts, the old one retires;
 //! - disabled or removed → retire: no new leases, idle connections close,
 //!   leased ones close when their sessions end, then the pool's tasks end.
 //!
@@ -267,6 +267,13 @@ pub fn plan(
                     actions.push(Action::Replace {
                         spec: spec.clone(),
                         why: "reuse changed",
+                    });
+                } else if old.group != spec.group {
+                    // Sessions of the old group keep the connections they
+                    // hold; new ones of the new group get fresh ones.
+                    actions.push(Action::Replace {
+                        spec: spec.clone(),
+                        why: "group changed",
                     });
                 } else if spec.max_size > *capacity {
                     actions.push(Action::Replace {
@@ -549,6 +556,7 @@ impl ConfigSync {
                     tracing::info!(
                         backend = %spec.id, url = %db::redact(&spec.url), target = spec.target_size,
                         max = spec.max_size, weight = spec.weight, reuse = %spec.reuse,
+                        group = %spec.group,
                         "backend added"
                     );
                     self.current.insert(spec.id.clone(), Running { spec, pool });
@@ -824,6 +832,7 @@ mod tests {
             weight: 1,
             enabled: true,
             reuse: Reuse::Fenced,
+            group: crate::route::DEFAULT_GROUP.into(),
         }
     }
 
@@ -881,7 +890,7 @@ mod tests {
     }
 
     #[test]
-    fn a_max_above_the_capacity_or_a_new_reuse_replaces_the_pool() {
+    fn a_max_above_the_capacity_a_new_reuse_or_group_replaces_the_pool() {
         let a = spec("a", 4, 8);
         let current = running(std::slice::from_ref(&a), 16);
         let mut big = a.clone();
@@ -899,6 +908,15 @@ mod tests {
             plan(&current, &map(&[none]), &BTreeSet::new())[..],
             [Action::Replace {
                 why: "reuse changed",
+                ..
+            }]
+        ));
+        let mut moved = a.clone();
+        moved.group = "diarize".into();
+        assert!(matches!(
+            plan(&current, &map(&[moved]), &BTreeSet::new())[..],
+            [Action::Replace {
+                why: "group changed",
                 ..
             }]
         ));
@@ -982,6 +1000,7 @@ mod tests {
             weight: 1,
             enabled: false,
             reuse: "fenced".into(),
+            group_name: "default".into(),
             updated_at: String::new(),
         };
         let unreadable_and_off = db::UnreadableRow {
@@ -1003,6 +1022,7 @@ mod tests {
             weight: 1,
             enabled: true,
             reuse: "fenced".into(),
+            group_name: "default".into(),
             updated_at: String::new(),
         };
         let off = db::BackendRow {

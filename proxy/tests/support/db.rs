@@ -223,6 +223,7 @@ pub fn spec(id: &str, url: &str, target: usize, max: usize) -> BackendSpec {
         weight: 1,
         enabled: true,
         reuse: Reuse::Fenced,
+        group: "default".to_string(),
     }
 }
 

@@ -169,6 +169,7 @@ impl Harness {
                 max_size: None,
                 weight: None,
                 reuse: None,
+                group: None,
             })
             .collect();
         tweak(&mut settings);
