@@ -184,6 +184,12 @@ pub struct Settings {
     pub db_listener_check_interval: Duration,
     /// `text` (human) or `json` logs.
     pub log_format: LogFormat,
+    /// A Unix socket (mode 0600) through which a new `sttproxy` process takes
+    /// the listening sockets over from this one for a zero-downtime binary
+    /// upgrade (docs/operations.md). A process started with it first looks
+    /// for a running proxy there; unset: no hand-over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade_socket: Option<PathBuf>,
     /// The seed backends were named on the command line (`serve --backend`):
     /// a table populated before with other backends is then an error at
     /// start, not a warning — explicit flags are never silently ignored.
@@ -262,6 +268,7 @@ impl Default for Settings {
             db: None,
             sync_interval: Duration::from_secs(5),
             db_listener_check_interval: Duration::from_secs(10),
+            upgrade_socket: None,
             log_format: LogFormat::Text,
             seeds_from_flags: false,
         }
@@ -410,6 +417,9 @@ impl Settings {
         }
         if let Some(url) = &self.db {
             super::db::DbUrl::parse(url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        if let Some(path) = &self.upgrade_socket {
+            crate::upgrade::check_path(path).map_err(ConfigError::Invalid)?;
         }
         for spec in self.backend_specs() {
             spec.validate().map_err(|reason| ConfigError::Backend {
