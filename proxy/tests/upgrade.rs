@@ -8,17 +8,14 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support::db::{metric, short_session, start_echo, stream_session};
+use support::db::SessionGroup;
+use support::db::{metric, short_session, start_echo};
+use support::fleet::{ConnectLoop, exited, more_connects};
 use support::{ProxyProcess, bounded, eventually, init_tracing, temp_dir};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 const SESSIONS: usize = 200;
 const GRACE: &str = "20s";
@@ -43,86 +40,6 @@ fn serve_args(backend: &str, socket: &Path) -> Vec<String> {
     .to_vec()
 }
 
-/// Loops of short sessions (connect, one echo, graceful end) until `stop`:
-/// every one that fails is counted and its error kept.
-struct ConnectLoop {
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    errors: Arc<std::sync::Mutex<Vec<String>>>,
-    stop: CancellationToken,
-    tasks: JoinSet<()>,
-}
-
-impl ConnectLoop {
-    fn start(listen: SocketAddr, loops: usize) -> Self {
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stop = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-        for _ in 0..loops {
-            let (ok, failed, errors, stop) =
-                (ok.clone(), failed.clone(), errors.clone(), stop.clone());
-            tasks.spawn(async move {
-                while !stop.is_cancelled() {
-                    match short_session(listen).await {
-                        Ok(()) => ok.fetch_add(1, Ordering::SeqCst),
-                        Err(e) => {
-                            errors.lock().unwrap().push(e);
-                            failed.fetch_add(1, Ordering::SeqCst)
-                        }
-                    };
-                }
-            });
-        }
-        Self {
-            ok,
-            failed,
-            errors,
-            stop,
-            tasks,
-        }
-    }
-
-    fn ok(&self) -> u64 {
-        self.ok.load(Ordering::SeqCst)
-    }
-
-    async fn finish(mut self) -> (u64, u64, Vec<String>) {
-        self.stop.cancel();
-        while self.tasks.join_next().await.is_some() {}
-        let errors = std::mem::take(&mut *self.errors.lock().unwrap());
-        (self.ok(), self.failed.load(Ordering::SeqCst), errors)
-    }
-}
-
-/// Wait (bounded) until `connects` more short sessions succeeded.
-async fn more_connects(loop_: &ConnectLoop, connects: u64, what: &str) {
-    let from = loop_.ok();
-    let ok = loop_.ok.clone();
-    eventually(Duration::from_secs(20), what, || {
-        let ok = ok.clone();
-        async move { ok.load(Ordering::SeqCst) >= from + connects }
-    })
-    .await;
-}
-
-/// Wait (bounded) for the child to exit; its status.
-async fn exited(p: &mut ProxyProcess, limit: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = p.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "the old proxy did not exit within {limit:?}; stderr:\n{}",
-            p.stderr_log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_under_200_sessions_and_a_connect_loop_loses_nothing() {
     init_tracing();
@@ -135,24 +52,8 @@ async fn upgrade_under_200_sessions_and_a_connect_loop_loses_nothing() {
         let listen = old.listen;
 
         // 200 streaming sessions, each a message every 100 ms, every echo checked.
-        let stop = CancellationToken::new();
-        let connected = Arc::new(AtomicUsize::new(0));
-        let mut sessions = JoinSet::new();
-        for tag in 0..SESSIONS {
-            sessions.spawn(stream_session(
-                listen,
-                tag as u32,
-                Duration::from_millis(100),
-                stop.clone(),
-                connected.clone(),
-            ));
-        }
-        let c = connected.clone();
-        eventually(Duration::from_secs(30), "200 sessions streaming", || {
-            let c = c.clone();
-            async move { c.load(Ordering::SeqCst) == SESSIONS }
-        })
-        .await;
+        let sessions = SessionGroup::start(listen, 0, SESSIONS, Duration::from_millis(100));
+        sessions.wait_connected(Duration::from_secs(30)).await;
         let connects = ConnectLoop::start(listen, 4);
         more_connects(&connects, 100, "100 connects before the upgrade").await;
 
@@ -171,17 +72,7 @@ async fn upgrade_under_200_sessions_and_a_connect_loop_loses_nothing() {
 
         // Every session ends now, well within the grace: each must end clean
         // (session.ended, 1000, every echo back).
-        stop.cancel();
-        let (mut clean, mut failed, mut echoes) = (0usize, Vec::new(), 0u64);
-        while let Some(r) = sessions.join_next().await {
-            match r.unwrap() {
-                Ok(s) => {
-                    clean += 1;
-                    echoes += s.received;
-                }
-                Err(e) => failed.push(e),
-            }
-        }
+        let ended = sessions.finish_counted().await;
         // With its sessions gone the old process exits at once, not at the grace.
         let status = exited(&mut old, Duration::from_secs(10)).await;
         assert!(status.success(), "the old process exited with {status}");
@@ -205,11 +96,13 @@ async fn upgrade_under_200_sessions_and_a_connect_loop_loses_nothing() {
         );
         eprintln!(
             "upgrade: new process serving {took_over:?} after its start; streaming sessions: \
-             {clean} clean, {} failed, {echoes} echoes; connect loop: {ok} ok, {refused} failed",
-            failed.len()
+             {} clean, {} failed, {} echoes; connect loop: {ok} ok, {refused} failed",
+            ended.clean,
+            ended.failed.len(),
+            ended.echoes
         );
-        assert!(failed.is_empty(), "sessions failed: {failed:?}");
-        assert_eq!(clean, SESSIONS);
+        assert!(ended.failed.is_empty(), "sessions failed: {:?}", ended.failed);
+        assert_eq!(ended.clean, SESSIONS);
         assert_eq!(refused, 0, "connects failed: {errors:?}");
         drop(new);
     })
