@@ -601,6 +601,23 @@ mod tests {
     }
 
     #[test]
+    fn upgrade_socket_parses_and_a_path_too_long_for_a_unix_socket_is_rejected() {
+        let s: Settings =
+            toml::from_str(r#"upgrade_socket = "/run/sttproxy/upgrade.sock""#).unwrap();
+        assert_eq!(
+            s.upgrade_socket.as_deref(),
+            Some(Path::new("/run/sttproxy/upgrade.sock"))
+        );
+        s.validate().unwrap();
+        let long = Settings {
+            upgrade_socket: Some(PathBuf::from(format!("/run/{}/u.sock", "d".repeat(100)))),
+            ..Settings::default()
+        };
+        let err = long.validate().unwrap_err().to_string();
+        assert!(err.contains("upgrade_socket"), "{err}");
+    }
+
+    #[test]
     fn rejects_a_backend_with_max_below_target() {
         let s: Settings = toml::from_str(
             r#"
