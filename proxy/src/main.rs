@@ -364,17 +364,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         out.flush()?;
     }
     tracing::info!(backends = proxy.backends().all().len(), "serving");
+    let took_over = predecessor.is_some();
     if let Some(predecessor) = predecessor {
         match predecessor.confirm().await {
             Ok(()) => tracing::info!("upgrade: the old process stopped accepting"),
             Err(e) => tracing::warn!(error = %e, "upgrade: no word from the old process"),
         }
     }
-    let upgrade_socket = settings
-        .upgrade_socket
-        .as_deref()
-        .map(UpgradeSocket::bind)
-        .transpose()?;
+    let upgrade_socket = match settings.upgrade_socket.as_deref().map(UpgradeSocket::bind) {
+        None => None,
+        Some(Ok(socket)) => Some(socket),
+        // The old process has stopped accepting: exiting now would close
+        // the listeners. Serve on, without the next upgrade.
+        Some(Err(e)) if took_over => {
+            tracing::error!(error = %e, "upgrade: serving without an upgrade socket");
+            None
+        }
+        Some(Err(e)) => return Err(e.into()),
+    };
     let successor = {
         let successor = async {
             match (&upgrade_socket, proxy.listener_fds()) {

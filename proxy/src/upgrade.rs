@@ -30,7 +30,7 @@
 //! dead process (connection refused) is treated as no running proxy.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -248,6 +248,17 @@ impl UpgradeSocket {
             path: path.display().to_string(),
             source,
         };
+        // Renamed over: never over something that is not a socket (a
+        // mistyped path naming a settings file, say).
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(UpgradeError::Protocol {
+                    path: path.display().to_string(),
+                    reason: "exists and is not a socket; not replacing it".into(),
+                });
+            }
+            _ => {}
+        }
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".new-{}", std::process::id()));
         let tmp = PathBuf::from(tmp);

@@ -116,6 +116,24 @@ async fn a_successor_that_goes_away_leaves_the_old_proxy_serving() {
         let backend = start_echo().await;
         let dir = temp_dir("upgrade-fail");
         let socket = dir.path().join("upgrade.sock");
+        // A path naming something else than a socket is never replaced.
+        let not_a_socket = dir.path().join("settings.toml");
+        std::fs::write(&not_a_socket, "keep me").unwrap();
+        let args = serve_args(&backend.url(), &not_a_socket);
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_sttproxy"))
+                .args(&args)
+                .env("STTPROXY_DB", "sqlite::memory:")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started on a regular file: {stderr}");
+        assert!(stderr.contains("is not a socket"), "{stderr}");
+        assert_eq!(std::fs::read_to_string(&not_a_socket).unwrap(), "keep me");
+
         // A stale socket file (its process is gone): the start goes on.
         drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
         assert!(socket.exists());
