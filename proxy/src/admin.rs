@@ -34,17 +34,20 @@ pub struct AdminContext {
     pub config: Option<Arc<SyncStatus>>,
 }
 
-/// Serve admin requests until `stop` fires.
+/// Accept admin connections until `accept_stop` fires (a successor process
+/// took the listener over, or shutdown); serve each until it ends or `stop`
+/// fires.
 pub async fn serve(
     listener: TcpListener,
     ctx: AdminContext,
     tracker: TaskTracker,
+    accept_stop: CancellationToken,
     stop: CancellationToken,
 ) {
     loop {
         let (stream, _) = tokio::select! {
             biased;
-            () = stop.cancelled() => return,
+            () = accept_stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {

@@ -4,6 +4,7 @@
 //! integration tests.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -26,6 +27,12 @@ use crate::route::KeySource;
 use crate::server::{self, ServerContext};
 use crate::session::SessionContext;
 use crate::tls::{self, CertFiles, TlsError, TlsListener};
+use crate::upgrade::Inherited;
+
+/// How long a process that took the listeners over from a running proxy
+/// waits for a healthy backend before it starts accepting; past it, it gives
+/// up and the old process keeps serving.
+pub const UPGRADE_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +53,10 @@ pub enum StartError {
     Database(DbError),
     #[error("tls: {0}")]
     Tls(Box<TlsError>),
+    #[error(
+        "no healthy backend within {0:?} of taking the listeners over; the running proxy keeps serving"
+    )]
+    NotReady(Duration),
     #[error("backend {id}: {source}")]
     Backend {
         id: String,
@@ -79,6 +90,13 @@ pub struct Proxy {
     shutdown_grace: Duration,
     /// Stops the client accept loop.
     accept_stop: CancellationToken,
+    /// Stops the admin accept loop (a child of `background_stop`).
+    admin_accept_stop: CancellationToken,
+    /// The client and admin accept loops.
+    accept_tasks: Vec<JoinHandle<()>>,
+    /// Copies of the client and admin listeners, for a successor process
+    /// (`upgrade_socket`); dropped once this process stopped accepting.
+    listener_fds: Option<(OwnedFd, OwnedFd)>,
     /// Fires when the grace is over: open sessions close with 1001.
     sessions_stop: CancellationToken,
     /// Stops the backend pools' tasks and the admin listener.
@@ -94,6 +112,24 @@ pub struct Proxy {
 impl Proxy {
     /// Bind both listeners, start a pool per backend, start serving.
     pub async fn start(settings: &Settings) -> Result<Self, StartError> {
+        Self::start_on(settings, None).await
+    }
+
+    /// As [`Proxy::start`], on listeners taken over from a running proxy
+    /// (`upgrade_socket`): accepting starts only once a backend is healthy,
+    /// within [`UPGRADE_READY_TIMEOUT`], so that a successor that cannot
+    /// serve never takes a connection.
+    pub async fn start_inherited(
+        settings: &Settings,
+        inherited: Inherited,
+    ) -> Result<Self, StartError> {
+        Self::start_on(settings, Some(inherited)).await
+    }
+
+    async fn start_on(
+        settings: &Settings,
+        inherited: Option<Inherited>,
+    ) -> Result<Self, StartError> {
         settings.validate()?;
         // The TLS files first: a bad one stops the start before anything runs.
         let client_cert = settings
@@ -102,20 +138,37 @@ impl Proxy {
             .transpose()?;
         let mut tuning = settings.pool_tuning();
         tuning.backend_tls = Some(tls::backend::client_config(&settings.backend_tls_files())?);
-        let listener =
-            bind_client_listener(settings.listen).map_err(|source| StartError::Bind {
-                what: "client",
+        let upgrading = inherited.is_some();
+        let (listener, admin_listener) = match inherited {
+            None => (
+                bind_client_listener(settings.listen).map_err(|source| StartError::Bind {
+                    what: "client",
+                    addr: settings.listen,
+                    source,
+                })?,
+                TcpListener::bind(settings.admin)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        what: "admin",
+                        addr: settings.admin,
+                        source,
+                    })?,
+            ),
+            Some(inherited) => inherited.into_tokio().map_err(|source| StartError::Bind {
+                what: "inherited",
                 addr: settings.listen,
                 source,
-            })?;
-        let admin_listener =
-            TcpListener::bind(settings.admin)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "admin",
-                    addr: settings.admin,
-                    source,
-                })?;
+            })?,
+        };
+        let copy = |l: &TcpListener, what, addr| {
+            l.as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let listener_fds = (
+            copy(&listener, "client", settings.listen)?,
+            copy(&admin_listener, "admin", settings.admin)?,
+        );
         let bound = |l: &TcpListener, what, addr| {
             l.local_addr()
                 .map_err(|source| StartError::Bind { what, addr, source })
@@ -243,25 +296,32 @@ impl Proxy {
             }
             _ => None,
         };
+        if upgrading {
+            wait_ready(&backends, UPGRADE_READY_TIMEOUT).await?;
+        }
         let accept_stop = CancellationToken::new();
-        background.spawn(server::accept_loop(
-            listener,
-            server.clone(),
-            tls.clone(),
-            sessions.clone(),
-            accept_stop.clone(),
-        ));
-        background.spawn(admin::serve(
-            admin_listener,
-            AdminContext {
-                backends: backends.clone(),
-                metrics: metrics.clone(),
-                draining: draining.clone(),
-                config: config.clone(),
-            },
-            background.clone(),
-            background_stop.clone(),
-        ));
+        let admin_accept_stop = background_stop.child_token();
+        let accept_tasks = vec![
+            background.spawn(server::accept_loop(
+                listener,
+                server.clone(),
+                tls.clone(),
+                sessions.clone(),
+                accept_stop.clone(),
+            )),
+            background.spawn(admin::serve(
+                admin_listener,
+                AdminContext {
+                    backends: backends.clone(),
+                    metrics: metrics.clone(),
+                    draining: draining.clone(),
+                    config: config.clone(),
+                },
+                background.clone(),
+                admin_accept_stop.clone(),
+                background_stop.clone(),
+            )),
+        ];
         Ok(Self {
             listen_addr,
             admin_addr,
@@ -272,6 +332,9 @@ impl Proxy {
             draining,
             shutdown_grace: settings.shutdown_grace,
             accept_stop,
+            admin_accept_stop,
+            accept_tasks,
+            listener_fds: Some(listener_fds),
             sessions_stop,
             background_stop,
             sessions,
@@ -317,13 +380,52 @@ impl Proxy {
         self.server.open_connections()
     }
 
+    /// The client and admin listeners, to hand to a successor process;
+    /// `None` once this process stopped accepting.
+    pub fn listener_fds(&self) -> Option<(BorrowedFd<'_>, BorrowedFd<'_>)> {
+        self.listener_fds
+            .as_ref()
+            .map(|(client, admin)| (client.as_fd(), admin.as_fd()))
+    }
+
+    /// Stop accepting on both listeners and close this process's copies of
+    /// them; when this returns, a successor holding the same sockets is the
+    /// only process that accepts on them. Connections accepted before are
+    /// served to their end.
+    pub async fn stop_accepting(&mut self) {
+        self.accept_stop.cancel();
+        self.admin_accept_stop.cancel();
+        for task in self.accept_tasks.drain(..) {
+            let _ = task.await;
+        }
+        self.listener_fds = None;
+    }
+
     /// Graceful shutdown: stop accepting and report not-ready at once; give
     /// sessions `shutdown_grace` to finish; then close the rest with 1001;
     /// then stop the pools and the admin listener. Every task has ended when
     /// this returns.
     pub async fn shutdown(self) {
         self.draining.store(true, Ordering::Release);
+        self.drain().await;
+    }
+
+    /// The drain after a successor took the listeners over
+    /// ([`Proxy::stop_accepting`] first): as [`Proxy::shutdown`], except that
+    /// the connections this process accepted and has not upgraded yet are not
+    /// refused (the listeners are the successor's now; nothing new arrives
+    /// here, and a refusal would be a failed connect for nothing).
+    pub async fn drain_after_upgrade(mut self) {
+        self.stop_accepting().await;
+        self.drain().await;
+    }
+
+    async fn drain(mut self) {
         self.accept_stop.cancel();
+        // The client listener closes with the accept loop (new connects are
+        // refused, not queued for nobody); the admin listener keeps serving
+        // `/readyz` (503 draining) until the end.
+        self.listener_fds = None;
         // No configuration change applies from now on.
         self.sync_stop.cancel();
         if let Some(task) = self.sync_task {
@@ -352,6 +454,19 @@ impl Proxy {
         self.background.close();
         self.background.wait().await;
     }
+}
+
+/// Until a backend is healthy (polled: health is a pool snapshot, not an
+/// event), at most `limit`.
+async fn wait_ready(backends: &Backends, limit: Duration) -> Result<(), StartError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !backends.any_healthy() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StartError::NotReady(limit));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// The client listener, with a deep accept backlog: thousands of devices

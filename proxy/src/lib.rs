@@ -22,6 +22,7 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod upgrade;
 
 pub use app::Proxy;
 pub use config::Settings;

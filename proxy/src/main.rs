@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sttproxy::backend::{BackendSpec, Reuse};
 use sttproxy::config::db::{BackendPatch, Db, RowRead, full_message, redact};
 use sttproxy::config::{BackendEntry, LogFormat, Settings};
+use sttproxy::upgrade::{self, UpgradeSocket};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -216,6 +217,11 @@ struct ServeArgs {
     /// Extra CA certificates (PEM) trusted for wss:// backends.
     #[arg(long, value_name = "PEM")]
     backend_tls_ca: Option<PathBuf>,
+    /// Unix socket for zero-downtime upgrades: a process started with the
+    /// same path takes the listeners over from the one running there, which
+    /// then drains and exits (docs/operations.md).
+    #[arg(long, value_name = "PATH")]
+    upgrade_socket: Option<PathBuf>,
 }
 
 fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
@@ -254,6 +260,9 @@ fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
     }
     if let Some(ca) = &args.backend_tls_ca {
         s.backend_tls_ca = Some(ca.clone());
+    }
+    if let Some(path) = &args.upgrade_socket {
+        s.upgrade_socket = Some(path.clone());
     }
     s.seeds_from_flags = !args.backends.is_empty();
     for url in &args.backends {
@@ -334,7 +343,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
     }
     let mut signals = Signals::install()?;
-    let proxy = sttproxy::Proxy::start(&settings).await?;
+    // A proxy already running on the upgrade socket hands its listeners over.
+    let predecessor = match &settings.upgrade_socket {
+        Some(path) => upgrade::take_over(path).await?,
+        None => None,
+    };
+    let (mut proxy, predecessor) = match predecessor {
+        None => (sttproxy::Proxy::start(&settings).await?, None),
+        Some((predecessor, inherited)) => {
+            tracing::info!(
+                socket = %predecessor_path(&settings),
+                "upgrade: took the listeners over from the running proxy"
+            );
+            // On an error the connection to the old process closes with this
+            // one: it keeps serving.
+            let proxy = sttproxy::Proxy::start_inherited(&settings, inherited).await?;
+            (proxy, Some(predecessor))
+        }
+    };
     {
         let mut out = std::io::stdout().lock();
         writeln!(
@@ -347,11 +373,65 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         out.flush()?;
     }
     tracing::info!(backends = proxy.backends().all().len(), "serving");
-    signals.shutdown(proxy.is_tls()).await?;
-    tracing::info!(grace = ?settings.shutdown_grace, "shutting down");
-    proxy.shutdown().await;
+    let took_over = predecessor.is_some();
+    if let Some(predecessor) = predecessor {
+        match predecessor.confirm().await {
+            Ok(()) => tracing::info!("upgrade: the old process stopped accepting"),
+            Err(e) => tracing::warn!(error = %e, "upgrade: no word from the old process"),
+        }
+    }
+    let upgrade_socket = match settings.upgrade_socket.as_deref().map(UpgradeSocket::bind) {
+        None => None,
+        Some(Ok(socket)) => Some(socket),
+        // The old process has stopped accepting: exiting now would close
+        // the listeners. Serve on, without the next upgrade.
+        Some(Err(e)) if took_over => {
+            tracing::error!(error = %e, "upgrade: serving without an upgrade socket");
+            None
+        }
+        Some(Err(e)) => return Err(e.into()),
+    };
+    let successor = {
+        let successor = async {
+            match (&upgrade_socket, proxy.listener_fds()) {
+                (Some(socket), Some((client, admin))) => socket.successor(client, admin).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = signals.shutdown(proxy.is_tls()) => { r?; None }
+            s = successor => Some(s),
+        }
+    };
+    match successor {
+        None => {
+            drop(upgrade_socket);
+            tracing::info!(grace = ?settings.shutdown_grace, "shutting down");
+            proxy.shutdown().await;
+        }
+        Some(successor) => {
+            proxy.stop_accepting().await;
+            // Before the last word: the successor binds the path after it.
+            drop(upgrade_socket);
+            successor.done().await;
+            tracing::info!(
+                grace = ?settings.shutdown_grace,
+                open = proxy.open_connections(),
+                "upgrade: a new process serves the listeners; draining"
+            );
+            proxy.drain_after_upgrade().await;
+        }
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+fn predecessor_path(settings: &Settings) -> String {
+    settings
+        .upgrade_socket
+        .as_deref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
 }
 
 fn main() -> std::process::ExitCode {

@@ -210,6 +210,12 @@ pub struct Settings {
     pub sticky: Option<StickySettings>,
     /// `text` (human) or `json` logs.
     pub log_format: LogFormat,
+    /// A Unix socket (mode 0600) through which a new `sttproxy` process takes
+    /// the listening sockets over from this one for a zero-downtime binary
+    /// upgrade (docs/operations.md). A process started with it first looks
+    /// for a running proxy there; unset: no hand-over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade_socket: Option<PathBuf>,
     /// The seed backends were named on the command line (`serve --backend`):
     /// a table populated before with other backends is then an error at
     /// start, not a warning — explicit flags are never silently ignored.
@@ -329,6 +335,7 @@ impl Default for Settings {
             db_listener_check_interval: Duration::from_secs(10),
             group_parameter: None,
             sticky: None,
+            upgrade_socket: None,
             log_format: LogFormat::Text,
             seeds_from_flags: false,
         }
@@ -490,6 +497,9 @@ impl Settings {
         }
         if let Some(url) = &self.db {
             super::db::DbUrl::parse(url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        if let Some(path) = &self.upgrade_socket {
+            crate::upgrade::check_path(path).map_err(ConfigError::Invalid)?;
         }
         for spec in self.backend_specs() {
             spec.validate().map_err(|reason| ConfigError::Backend {
@@ -760,6 +770,23 @@ mod tests {
         );
         with_sticky.validate().unwrap();
         parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn upgrade_socket_parses_and_a_path_too_long_for_a_unix_socket_is_rejected() {
+        let s: Settings =
+            toml::from_str(r#"upgrade_socket = "/run/sttproxy/upgrade.sock""#).unwrap();
+        assert_eq!(
+            s.upgrade_socket.as_deref(),
+            Some(Path::new("/run/sttproxy/upgrade.sock"))
+        );
+        s.validate().unwrap();
+        let long = Settings {
+            upgrade_socket: Some(PathBuf::from(format!("/run/{}/u.sock", "d".repeat(100)))),
+            ..Settings::default()
+        };
+        let err = long.validate().unwrap_err().to_string();
+        assert!(err.contains("upgrade_socket"), "{err}");
     }
 
     #[test]

@@ -405,6 +405,14 @@ pub async fn short_session(listen: SocketAddr) -> Result<(), String> {
     task.await.map_err(|e| e.to_string())?.map(|_| ())
 }
 
+/// How a [`SessionGroup`] ended.
+#[derive(Debug, Default)]
+pub struct Ended {
+    pub clean: usize,
+    pub echoes: u64,
+    pub failed: Vec<String>,
+}
+
 /// Streaming sessions started together and stopped together.
 pub struct SessionGroup {
     pub stop: CancellationToken,
@@ -444,6 +452,23 @@ impl SessionGroup {
             async move { c.load(Ordering::SeqCst) == n }
         })
         .await;
+    }
+
+    /// End every session gracefully and count how each ended (rather than
+    /// panicking at the first failure), for a test that reports figures.
+    pub async fn finish_counted(mut self) -> Ended {
+        self.stop.cancel();
+        let mut out = Ended::default();
+        while let Some(r) = self.tasks.join_next().await {
+            match r.unwrap() {
+                Ok(s) => {
+                    out.clean += 1;
+                    out.echoes += s.received;
+                }
+                Err(e) => out.failed.push(e),
+            }
+        }
+        out
     }
 
     /// End every session gracefully; each must have lost nothing.

@@ -9,6 +9,7 @@
 
 pub mod clients;
 pub mod db;
+pub mod fleet;
 pub mod listen;
 pub mod raw;
 pub mod raw_backend;
@@ -545,6 +546,24 @@ pub fn workspace_dir() -> PathBuf {
 
 // ---------------------------------------------------------------- the binary
 
+/// A child's output (stderr, say), collected line by line on a thread of
+/// its own so that the child never blocks on a full pipe.
+pub fn collect_lines(
+    out: impl std::io::Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<String>> {
+    use std::io::BufRead;
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let collected = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let mut log = collected.lock().unwrap_or_else(|p| p.into_inner());
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    log
+}
+
 /// The real `sttproxy` binary as a child process; killed on drop if still running.
 pub struct ProxyProcess {
     pub child: std::process::Child,
@@ -585,20 +604,7 @@ impl ProxyProcess {
             .expect("spawning the sttproxy binary");
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in std::io::BufReader::new(stderr)
-                    .lines()
-                    .map_while(Result::ok)
-                {
-                    let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            });
-        }
+        let log = collect_lines(stderr);
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
             let mut lines = std::io::BufReader::new(stdout).lines();
