@@ -126,6 +126,8 @@ fn settings() -> RelaySettings {
         ping_interval: s(10),
         pong_timeout: s(5),
         rate: RateLimits::OFF,
+        backend_ping_interval: s(10),
+        backend_pong_timeout: s(5),
     }
 }
 
@@ -230,7 +232,7 @@ fuzz_target!(|data: &[u8]| {
                 lease,
                 script.fenced,
                 "fuzz",
-                settings(),
+                &settings(),
                 &shutdown,
                 &metrics,
                 None,

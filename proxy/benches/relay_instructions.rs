@@ -255,6 +255,8 @@ fn settings() -> RelaySettings {
         ping_interval: long,
         pong_timeout: long,
         rate: sttproxy::relay::rate::RateLimits::OFF,
+        backend_ping_interval: long,
+        backend_pong_timeout: long,
     }
 }
 
@@ -289,7 +291,7 @@ fn session(b: Bench) -> Leftovers {
             lease,
             true,
             "bench",
-            settings(),
+            &settings(),
             &shutdown,
             &metrics,
             None,

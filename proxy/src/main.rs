@@ -174,10 +174,12 @@ struct ServeArgs {
     /// Sessions' time to finish on SIGTERM/SIGINT before 1001 [default: 30s].
     #[arg(long, value_parser = humantime::parse_duration)]
     shutdown_grace: Option<Duration>,
-    /// Ping idle backend connections this often [default: 10s].
+    /// Ping idle backend connections this often, and a session's backend
+    /// after this long without a byte from it [default: 10s].
     #[arg(long, value_parser = humantime::parse_duration)]
     health_interval: Option<Duration>,
-    /// Pong deadline for health pings [default: 2s].
+    /// Pong deadline for those pings; a session's backend that misses it has
+    /// failed [default: 2s].
     #[arg(long, value_parser = humantime::parse_duration)]
     health_timeout: Option<Duration>,
     /// Close clients silent this long with 1001 [default: 1m].

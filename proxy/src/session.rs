@@ -34,6 +34,10 @@ pub struct SessionSettings {
     pub max_message_size: usize,
     pub client_ping_interval: Duration,
     pub client_pong_timeout: Duration,
+    /// Backend liveness during a session: the pool's `health_interval` and
+    /// `health_timeout` (a silent backend is pinged, then given up on).
+    pub backend_ping_interval: Duration,
+    pub backend_pong_timeout: Duration,
     pub rate: RateLimits,
     /// Sessions on resumable backends move to another when theirs fails
     /// (docs/failover.md); `None`: off.
@@ -50,6 +54,8 @@ impl Default for SessionSettings {
             max_message_size: 1 << 20,
             client_ping_interval: Duration::from_secs(20),
             client_pong_timeout: Duration::from_secs(10),
+            backend_ping_interval: Duration::from_secs(10),
+            backend_pong_timeout: Duration::from_secs(2),
             rate: RateLimits::OFF,
             failover: None,
         }
@@ -314,13 +320,15 @@ where
         ping_interval: settings.client_ping_interval,
         pong_timeout: settings.client_pong_timeout,
         rate: settings.rate,
+        backend_ping_interval: settings.backend_ping_interval,
+        backend_pong_timeout: settings.backend_pong_timeout,
     };
     let end = relay::relay(
         client,
         ForRelay(lease),
         fenced,
         id,
-        relay_settings,
+        &relay_settings,
         &ctx.shutdown,
         m,
         takeover

@@ -362,3 +362,60 @@ async fn a_backend_that_does_not_resume_never_gets_a_replayed_session() {
     );
     h.stop().await;
 }
+
+/// A backend that goes silent without closing anything (a frozen host: no
+/// FIN, no reset, its socket open): the proxy pings it once nothing has come
+/// for `health_interval`, gives up `health_timeout` later, and the session
+/// moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_a_silent_backend_are_pinged_and_move() {
+    const SESSIONS: usize = 12;
+    const CHUNKS: u64 = 50;
+    let h = Harness::start(2, stt_backend(), |s| {
+        resumable(8, 20)(s);
+        s.health_interval = Duration::from_millis(600);
+        s.health_timeout = Duration::from_millis(300);
+    })
+    .await;
+    h.wait_warm().await;
+    let ready = Arc::new((AtomicUsize::new(0), Notify::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..SESSIONS {
+        tasks.push(tokio::spawn(stream_session(
+            h.ws_url(),
+            CHUNKS,
+            ready.clone(),
+        )));
+    }
+    all_streaming(&ready, SESSIONS).await;
+    let on_b0 = h.backends[0].stats().sessions_started;
+    let frozen = Instant::now();
+    h.backends[0].stall_all_for(Duration::from_secs(60));
+    let mut moved = Vec::new();
+    for t in tasks {
+        let s = within(Duration::from_secs(30), "a session", t)
+            .await
+            .expect("session task");
+        assert!(s.ended, "{}: close {:?}", s.id, s.close);
+        assert_eq!(s.close, Some(1000), "{}", s.id);
+        if s.failovers > 0 {
+            moved.push(s.pause.unwrap_or_default());
+        }
+    }
+    assert_eq!(
+        moved.len() as u64,
+        on_b0,
+        "every session of the frozen backend moved"
+    );
+    assert!(!moved.is_empty());
+    moved.sort();
+    println!(
+        "silent backend: {} of {SESSIONS} sessions moved; pause across the failover p50 {:?} max {:?} \
+         (health_interval 600 ms, health_timeout 300 ms); {:?} after the freeze",
+        moved.len(),
+        percentile(&moved, 0.5),
+        moved.last().copied().unwrap_or_default(),
+        frozen.elapsed(),
+    );
+    h.stop().await;
+}

@@ -697,6 +697,8 @@ impl Settings {
             max_message_size: self.max_message_size,
             client_ping_interval: self.client_ping_interval,
             client_pong_timeout: self.client_pong_timeout,
+            backend_ping_interval: self.health_interval,
+            backend_pong_timeout: self.health_timeout,
             rate: RateLimits {
                 messages_per_second: NonZeroU32::new(self.max_client_messages_per_second),
                 bytes_per_second: NonZeroU32::new(self.max_client_bytes_per_second),

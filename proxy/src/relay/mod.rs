@@ -73,6 +73,11 @@ pub struct RelaySettings {
     pub pong_timeout: Duration,
     /// What the client may send per second ([`rate`]).
     pub rate: RateLimits,
+    /// Nothing at all from the backend this long: the proxy pings it; still
+    /// nothing `backend_pong_timeout` later: the backend is presumed dead (a
+    /// crashed host sends no FIN) and the session fails over or gets 1014.
+    pub backend_ping_interval: Duration,
+    pub backend_pong_timeout: Duration,
 }
 
 impl RelaySettings {
@@ -186,7 +191,7 @@ pub async fn relay<'a, C, B, L>(
     lease: L,
     fenced: bool,
     id: &str,
-    settings: RelaySettings,
+    settings: &'a RelaySettings,
     shutdown: &'a tokio_util::sync::CancellationToken,
     metrics: &'a Metrics,
     failover: Option<Box<Failover<'a, L>>>,
@@ -227,6 +232,8 @@ where
         settings,
         tick: settings.tick(),
         last_heard: Instant::now(),
+        backend_quiet_since: Instant::now(),
+        backend_pinged: false,
         last_data: Instant::now(),
         ping_sent: None,
         stalled_client: None,
@@ -269,7 +276,8 @@ struct Relay<'a, C, B, L> {
     fence: &'static str,
     /// How the client close handshake ended, once known otherwise than clean.
     client_close: Option<&'static str>,
-    settings: RelaySettings,
+    /// Shared by every session (a copy would size every session's future).
+    settings: &'a RelaySettings,
     tick: Duration,
     /// When the last bytes of any kind came from the client (liveness).
     last_heard: Instant,
@@ -277,6 +285,11 @@ struct Relay<'a, C, B, L> {
     last_data: Instant,
     /// When the proxy's ping went out, while its answer is awaited.
     ping_sent: Option<Instant>,
+    /// Backend liveness: since when nothing came from the backend — or, once
+    /// `backend_pinged`, since the proxy's ping went out (one instant for
+    /// both keeps every session's future smaller).
+    backend_quiet_since: Instant,
+    backend_pinged: bool,
     stalled_client: Option<Instant>,
     stalled_backend: Option<Instant>,
     /// The session's rate-limit buckets, when limits are set.
@@ -490,6 +503,9 @@ where
         if step.leftover {
             self.dirty = true;
         }
+        if step.read {
+            self.state.backend_heard = true;
+        }
         if let Some(err) = step.source_done {
             let why = match err {
                 Some(e) => format!("backend connection lost: {e}"),
@@ -614,6 +630,42 @@ where
                 self.ping_sent = Some(now);
             }
             _ => {}
+        }
+    }
+
+    /// Backend liveness: any bytes from the backend within
+    /// `backend_ping_interval`, else a Ping (between frames); then any bytes
+    /// within `backend_pong_timeout`, else the connection is failed — which
+    /// on a resumable backend is a failover. A new connection starts fresh.
+    fn check_backend_liveness(&mut self, now: Instant) {
+        let heard = std::mem::take(&mut self.state.backend_heard);
+        let live = self.lease.is_some()
+            && matches!(
+                self.state.backend,
+                BackendPhase::Relaying | BackendPhase::Fencing
+            );
+        if heard || !live {
+            self.backend_quiet_since = now;
+            self.backend_pinged = false;
+            return;
+        }
+        let quiet = now.duration_since(self.backend_quiet_since);
+        if self.backend_pinged {
+            if quiet >= self.settings.backend_pong_timeout {
+                self.backend_pinged = false;
+                self.state.backend_failed("backend answered no ping".into());
+            }
+        } else if quiet >= self.settings.backend_ping_interval && !self.to_backend.mid_frame() {
+            let mut ping = Vec::with_capacity(frame::MAX_HEADER);
+            frame::push_frame(
+                &mut ping,
+                frame::OP_PING,
+                &[],
+                Peer::Backend.mask_for_send(),
+            );
+            self.out_backend.push(&ping);
+            self.backend_pinged = true;
+            self.backend_quiet_since = now;
         }
     }
 
@@ -970,6 +1022,7 @@ where
             st.idle();
         }
         self.check_liveness(now);
+        self.check_backend_liveness(now);
         let st = &mut self.state;
         // Stalls: bytes queued and none taken for send_timeout.
         let send_timeout = self.settings.send_timeout;
@@ -1094,6 +1147,8 @@ mod tests {
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(10),
             rate: RateLimits::OFF,
+            backend_ping_interval: Duration::from_secs(20),
+            backend_pong_timeout: Duration::from_secs(10),
         }
     }
 
@@ -1140,7 +1195,7 @@ mod tests {
                 lease,
                 true,
                 "s1",
-                settings(),
+                &settings(),
                 &shutdown,
                 &metrics,
                 None,
@@ -1181,7 +1236,7 @@ mod tests {
                 lease,
                 true,
                 "s1",
-                settings(),
+                &settings(),
                 &shutdown,
                 &metrics,
                 None,

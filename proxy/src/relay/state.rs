@@ -200,6 +200,8 @@ pub(crate) struct State {
     pub outcome: Option<&'static str>,
     /// Bytes arrived from the client since the last tick.
     pub heard: bool,
+    /// Bytes came from the backend since the last tick.
+    pub backend_heard: bool,
     pub fence_deadline: Option<Instant>,
     pub close_deadline: Option<Instant>,
     /// Set for sessions on resumable backends with failover on.
@@ -228,6 +230,7 @@ impl State {
             dropped: [0; 5],
             outcome: None,
             heard: false,
+            backend_heard: false,
             fence_deadline: None,
             close_deadline: None,
             resume,
