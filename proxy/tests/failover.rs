@@ -195,14 +195,21 @@ async fn settled_metrics(h: &Harness) -> support::Scrape {
     h.metrics().await
 }
 
-/// Wait until `n` sessions have signalled.
-async fn all_streaming(ready: &(AtomicUsize, Notify), n: usize) {
+/// Once the pools are warm, start `n` sessions of `chunks` messages each and
+/// wait until every one has had its first results.
+async fn start_streaming(h: &Harness, n: usize, chunks: u64) -> Vec<tokio::task::JoinHandle<Seen>> {
+    h.wait_warm().await;
+    let ready = Arc::new((AtomicUsize::new(0), Notify::new()));
+    let tasks = (0..n)
+        .map(|_| tokio::spawn(stream_session(h.ws_url(), chunks, ready.clone())))
+        .collect();
     within(Duration::from_secs(20), "every session streaming", async {
         while ready.0.load(Ordering::SeqCst) < n {
             ready.1.notified().await;
         }
     })
     .await;
+    tasks
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,17 +217,7 @@ async fn sessions_of_a_killed_backend_carry_on_elsewhere() {
     const SESSIONS: usize = 100;
     const CHUNKS: u64 = 40;
     let h = Harness::start(3, stt_backend(), resumable(40, 120)).await;
-    h.wait_warm().await;
-    let ready = Arc::new((AtomicUsize::new(0), Notify::new()));
-    let mut tasks = Vec::new();
-    for _ in 0..SESSIONS {
-        tasks.push(tokio::spawn(stream_session(
-            h.ws_url(),
-            CHUNKS,
-            ready.clone(),
-        )));
-    }
-    all_streaming(&ready, SESSIONS).await;
+    let tasks = start_streaming(&h, SESSIONS, CHUNKS).await;
     let on_b0 = h.backends[0].stats().sessions_started;
     h.backends[0].kill_all();
     let mut seen = Vec::new();
@@ -293,13 +290,7 @@ async fn with_every_backend_down_sessions_get_1014_within_the_deadline() {
         s.failover_timeout = Duration::from_secs(1);
     })
     .await;
-    h.wait_warm().await;
-    let ready = Arc::new((AtomicUsize::new(0), Notify::new()));
-    let mut tasks = Vec::new();
-    for _ in 0..SESSIONS {
-        tasks.push(tokio::spawn(stream_session(h.ws_url(), 600, ready.clone())));
-    }
-    all_streaming(&ready, SESSIONS).await;
+    let tasks = start_streaming(&h, SESSIONS, 600).await;
     let down = Instant::now();
     for b in &h.backends {
         b.shutdown().await;
@@ -332,13 +323,7 @@ async fn a_backend_that_does_not_resume_never_gets_a_replayed_session() {
         s.backends[1].reuse = Some(Reuse::Fenced);
     })
     .await;
-    h.wait_warm().await;
-    let ready = Arc::new((AtomicUsize::new(0), Notify::new()));
-    let mut tasks = Vec::new();
-    for _ in 0..SESSIONS {
-        tasks.push(tokio::spawn(stream_session(h.ws_url(), 30, ready.clone())));
-    }
-    all_streaming(&ready, SESSIONS).await;
+    let tasks = start_streaming(&h, SESSIONS, 30).await;
     let on_b0 = h.backends[0].stats().sessions_started as usize;
     h.backends[0].kill_all();
     let mut lost = 0;
@@ -377,17 +362,7 @@ async fn sessions_of_a_silent_backend_are_pinged_and_move() {
         s.health_timeout = Duration::from_millis(300);
     })
     .await;
-    h.wait_warm().await;
-    let ready = Arc::new((AtomicUsize::new(0), Notify::new()));
-    let mut tasks = Vec::new();
-    for _ in 0..SESSIONS {
-        tasks.push(tokio::spawn(stream_session(
-            h.ws_url(),
-            CHUNKS,
-            ready.clone(),
-        )));
-    }
-    all_streaming(&ready, SESSIONS).await;
+    let tasks = start_streaming(&h, SESSIONS, CHUNKS).await;
     let on_b0 = h.backends[0].stats().sessions_started;
     let frozen = Instant::now();
     h.backends[0].stall_all_for(Duration::from_secs(60));
