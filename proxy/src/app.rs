@@ -86,7 +86,13 @@ pub struct Proxy {
     server: Arc<ServerContext>,
     /// The client listener's TLS side, when it speaks TLS.
     tls: Option<Arc<TlsListener>>,
+    /// New upgrades are refused (503).
     draining: Arc<AtomicBool>,
+    /// `/readyz` answers 503: set first at shutdown, `shutdown_delay` before
+    /// `draining`, so a load balancer stops sending new clients before any is
+    /// refused.
+    not_ready: Arc<AtomicBool>,
+    shutdown_delay: Duration,
     shutdown_grace: Duration,
     /// Stops the client accept loop.
     accept_stop: CancellationToken,
@@ -264,6 +270,7 @@ impl Proxy {
             ));
         }
         let draining = Arc::new(AtomicBool::new(false));
+        let not_ready = Arc::new(AtomicBool::new(false));
         let sessions_stop = CancellationToken::new();
         let server = Arc::new(
             ServerContext::new(
@@ -314,7 +321,7 @@ impl Proxy {
                 AdminContext {
                     backends: backends.clone(),
                     metrics: metrics.clone(),
-                    draining: draining.clone(),
+                    draining: not_ready.clone(),
                     config: config.clone(),
                 },
                 background.clone(),
@@ -330,6 +337,8 @@ impl Proxy {
             server,
             tls,
             draining,
+            not_ready,
+            shutdown_delay: settings.shutdown_delay,
             shutdown_grace: settings.shutdown_grace,
             accept_stop,
             admin_accept_stop,
@@ -401,11 +410,18 @@ impl Proxy {
         self.listener_fds = None;
     }
 
-    /// Graceful shutdown: stop accepting and report not-ready at once; give
-    /// sessions `shutdown_grace` to finish; then close the rest with 1001;
-    /// then stop the pools and the admin listener. Every task has ended when
-    /// this returns.
+    /// Graceful shutdown: report not-ready at once and go on serving new
+    /// clients for `shutdown_delay` (the time a load balancer takes to see the
+    /// 503 and stop sending any); then stop accepting; give sessions
+    /// `shutdown_grace` to finish; then close the rest with 1001; then stop
+    /// the pools and the admin listener. Every task has ended when this
+    /// returns.
     pub async fn shutdown(self) {
+        self.not_ready.store(true, Ordering::Release);
+        if !self.shutdown_delay.is_zero() {
+            tracing::info!(delay = ?self.shutdown_delay, "readyz reports draining; still accepting new clients until the delay is over");
+            tokio::time::sleep(self.shutdown_delay).await;
+        }
         self.draining.store(true, Ordering::Release);
         self.drain().await;
     }

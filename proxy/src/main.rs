@@ -171,6 +171,11 @@ struct ServeArgs {
     /// Backend's time to answer session.end [default: 5s].
     #[arg(long, value_parser = humantime::parse_duration)]
     drain_timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT, /readyz turns 503 at once but new clients are still
+    /// served this long, so a load balancer stops sending them before any is
+    /// refused [default: 0s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    shutdown_delay: Option<Duration>,
     /// Sessions' time to finish on SIGTERM/SIGINT before 1001 [default: 30s].
     #[arg(long, value_parser = humantime::parse_duration)]
     shutdown_grace: Option<Duration>,
@@ -240,6 +245,7 @@ fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
         stream_path,
         acquire_timeout,
         drain_timeout,
+        shutdown_delay,
         shutdown_grace,
         health_interval,
         health_timeout,
@@ -408,7 +414,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     match successor {
         None => {
             drop(upgrade_socket);
-            tracing::info!(grace = ?settings.shutdown_grace, "shutting down");
+            tracing::info!(delay = ?settings.shutdown_delay, grace = ?settings.shutdown_grace, "shutting down");
             proxy.shutdown().await;
         }
         Some(successor) => {

@@ -303,16 +303,19 @@ async fn deploy_files_match_the_running_proxy() {
         }
 
         // Stop timing: systemd.
-        let default_grace = Settings::default().shutdown_grace;
+        // What a stop takes at most: shutdown_delay (still serving), then
+        // shutdown_grace (draining).
+        let stop_time = |s: &Settings| s.shutdown_delay + s.shutdown_grace;
+        let default_grace = stop_time(&Settings::default());
         let host = settings_file("systemd/sttproxy.toml");
         let (_, unit) = deploy_file("systemd/sttproxy.service");
         let stop = humantime::parse_duration(value_of(&unit, None, "TimeoutStopSec", '='))
             .expect("TimeoutStopSec as a duration");
         assert_eq!(value_of(&unit, None, "KillSignal", '='), "SIGTERM");
-        for grace in [default_grace, host.shutdown_grace] {
+        for grace in [default_grace, stop_time(&host)] {
             assert!(
                 stop >= grace + STOP_MARGIN,
-                "TimeoutStopSec {stop:?} < shutdown_grace {grace:?} + {STOP_MARGIN:?}"
+                "TimeoutStopSec {stop:?} < shutdown_delay + shutdown_grace {grace:?} + {STOP_MARGIN:?}"
             );
         }
 
@@ -328,11 +331,11 @@ async fn deploy_files_match_the_running_proxy() {
                 .unwrap(),
         );
         assert!(pre_stop > Duration::ZERO, "preStop sleep");
-        for grace in [default_grace, pods.shutdown_grace] {
+        for grace in [default_grace, stop_time(&pods)] {
             assert!(
                 period >= pre_stop + grace + STOP_MARGIN,
                 "terminationGracePeriodSeconds {period:?} < preStop {pre_stop:?} + \
-                 shutdown_grace {grace:?} + {STOP_MARGIN:?}"
+                 shutdown_delay + shutdown_grace {grace:?} + {STOP_MARGIN:?}"
             );
         }
 

@@ -817,6 +817,83 @@ async fn sighup_without_tls_is_ignored() {
     .await;
 }
 
+/// With `shutdown_delay`, SIGTERM turns /readyz 503 at once but new clients
+/// are still served until the delay is over (a load balancer's time to stop
+/// sending them), and only then refused; sessions already open relay on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_delay_serves_new_clients_after_readyz_turned_503() {
+    bounded(TEST_LIMIT, async {
+        support::init_tracing();
+        let backend = echo_backend::spawn("127.0.0.1:0".parse().unwrap(), echo())
+            .await
+            .unwrap();
+        let delay = Duration::from_millis(1500);
+        let args: Vec<String> = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--shutdown-delay",
+            "1500ms",
+            "--shutdown-grace",
+            "1s",
+            "--backend",
+            &backend.url(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut proxy = ProxyProcess::spawn(&args).await;
+        let url = format!("ws://{}/v1/stream", proxy.listen);
+        eventually(STEP, "readyz 200", || async {
+            http_get(proxy.admin, "/readyz").await.status == 200
+        })
+        .await;
+        let mut open = connect(&url).await;
+        let open_id = expect_started(&mut open).await;
+
+        proxy.sigterm();
+        let signalled = Instant::now();
+        eventually(STEP, "readyz 503 after SIGTERM", || async {
+            http_get(proxy.admin, "/readyz").await.status == 503
+        })
+        .await;
+        // Still within the delay: a new client is served like any other.
+        let mut late = connect(&url).await;
+        let late_id = expect_started(&mut late).await;
+        assert!(signalled.elapsed() < delay, "the check came too late to mean anything");
+        let msg = Message::text("served during the delay");
+        late.send(msg.clone()).await.unwrap();
+        assert_eq!(support::recv_data(&mut late).await, msg);
+        end_session(&mut late, &late_id).await;
+        // Then refused: at TCP, or with an HTTP refusal.
+        let refused_after = eventually(STEP, "new clients refused", || async {
+            support::raw::handshake(proxy.listen, "/v1/stream").await.is_err()
+        })
+        .await;
+        let at = signalled.elapsed();
+        assert!(
+            at >= delay - Duration::from_millis(100),
+            "refused {at:?} after SIGTERM ({refused_after:?} of polling), before the {delay:?} delay"
+        );
+        // The session open all along still relays and ends cleanly.
+        let msg = Message::text("after the delay");
+        open.send(msg.clone()).await.unwrap();
+        assert_eq!(support::recv_data(&mut open).await, msg);
+        end_session(&mut open, &open_id).await;
+        let mut status = None;
+        eventually(STEP, "the proxy process exits", || {
+            status = proxy.child.try_wait().expect("try_wait");
+            let done = status.is_some();
+            async move { done }
+        })
+        .await;
+        assert!(status.is_some_and(|s| s.success()), "stderr:\n{}", proxy.stderr_log());
+        backend.shutdown().await;
+    })
+    .await;
+}
+
 /// The real binary with 50 open sessions gets SIGTERM: /readyz turns 503 at
 /// once, new clients are turned away, sessions that end within the grace end
 /// with session.ended and 1000, the rest get 1001 when the grace is over, and

@@ -273,24 +273,53 @@ async fn replicas_behind_haproxy_sync_and_roll_without_losing_a_session() {
 /// noticed, see docs/operations.md.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_replica_leaves_the_load_balancer_and_comes_back() {
+    restart_a_replica(Leave::DrainFirst).await;
+}
+
+/// The same restart with SIGTERM alone, the replica started with
+/// `--shutdown-delay 1s` (more than HAProxy's `inter` × `fall`, 400 ms): its
+/// /readyz turns 503 at once while it still serves new clients, so HAProxy
+/// takes it out before it refuses any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_shutdown_delay_alone_fails_no_connect() {
+    restart_a_replica(Leave::ShutdownDelay).await;
+}
+
+/// How the restarted replica leaves the load balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    /// Set to DRAIN on HAProxy's runtime API, then SIGTERM.
+    DrainFirst,
+    /// SIGTERM only; the replica has a `shutdown_delay`.
+    ShutdownDelay,
+}
+
+async fn restart_a_replica(leave: Leave) {
     init_tracing();
     let Some(bin) = haproxy() else {
         skip_or_fail("haproxy is not installed (Debian: apt-get install haproxy)");
         return;
     };
-    let Some(db) = pg_db("replicas_drain").await else {
+    let db_name = match leave {
+        Leave::DrainFirst => "replicas_drain",
+        Leave::ShutdownDelay => "replicas_delay",
+    };
+    let Some(db) = pg_db(db_name).await else {
         return;
     };
     bounded(Duration::from_secs(240), async {
         let b1 = start_echo().await;
         backends_add(&db.url, &b1.url(), "b1").await;
-        let dir = temp_dir("replicas-drain");
+        let dir = temp_dir(&format!("replicas-{leave:?}"));
         let no_socket = |i: usize, listen: &str, admin: &str| {
             let mut a = replica_args(&db.url, &dir.path().join(format!("r{i}.sock")));
             let n = a.len();
             a.truncate(n - 2); // without --upgrade-socket
             a[2] = listen.to_string();
             a[4] = admin.to_string();
+            if leave == Leave::ShutdownDelay {
+                a.extend(["--shutdown-delay".to_string(), "1s".to_string()]);
+            }
             a
         };
         let r0 = ProxyProcess::spawn(&no_socket(0, "127.0.0.1:0", "127.0.0.1:0")).await;
@@ -312,8 +341,10 @@ async fn a_drained_replica_leaves_the_load_balancer_and_comes_back() {
         more_connects(&connects, 100, "100 connects before the drain").await;
 
         let mut r0 = r0;
-        let answer = lb.command("set server replicas/r0 state drain");
-        assert!(answer.trim().is_empty(), "haproxy: {answer}");
+        if leave == Leave::DrainFirst {
+            let answer = lb.command("set server replicas/r0 state drain");
+            assert!(answer.trim().is_empty(), "haproxy: {answer}");
+        }
         r0.sigterm();
         let log = lb.log.clone();
         let out = eventually(Duration::from_secs(5), "haproxy takes r0 out", || {
@@ -331,8 +362,10 @@ async fn a_drained_replica_leaves_the_load_balancer_and_comes_back() {
         assert!(status.success(), "r0 exited with {status}");
         let (listen, admin) = (r0.listen.to_string(), r0.admin.to_string());
         let r0 = ProxyProcess::spawn(&no_socket(0, &listen, &admin)).await;
-        let answer = lb.command("set server replicas/r0 state ready");
-        assert!(answer.trim().is_empty(), "haproxy: {answer}");
+        if leave == Leave::DrainFirst {
+            let answer = lb.command("set server replicas/r0 state ready");
+            assert!(answer.trim().is_empty(), "haproxy: {answer}");
+        }
         let back = eventually(Duration::from_secs(5), "haproxy brings r0 back", || {
             let log = log.clone();
             async move { log.lock().unwrap().contains("r0 is UP") }
@@ -341,7 +374,7 @@ async fn a_drained_replica_leaves_the_load_balancer_and_comes_back() {
         more_connects(&connects, 100, "100 connects with r0 back").await;
         let (ok, refused, errors) = connects.finish().await;
         eprintln!(
-            "replicas (drain and restart r0): out of haproxy {out:?} after SIGTERM, back {back:?} \
+            "replicas (restart r0, {leave:?}): out of haproxy {out:?} after SIGTERM, back {back:?} \
              after its restart; {SESSIONS} sessions: {} clean, {} lost; connect loop: {ok} ok, \
              {refused} failed",
             ended.clean,

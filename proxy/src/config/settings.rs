@@ -139,6 +139,11 @@ pub struct Settings {
     /// (at least 1s: the limits are charged once per session tick).
     #[serde(with = "human_duration")]
     pub rate_limit_burst: Duration,
+    /// On SIGTERM/SIGINT `/readyz` turns 503 at once, but new clients are
+    /// still served this long (a load balancer's time to notice); then the
+    /// listener closes.
+    #[serde(with = "human_duration")]
+    pub shutdown_delay: Duration,
     /// On SIGTERM/SIGINT sessions get this long to finish, then close with 1001.
     #[serde(with = "human_duration")]
     pub shutdown_grace: Duration,
@@ -312,6 +317,7 @@ impl Default for Settings {
             max_client_messages_per_second: 0,
             max_client_bytes_per_second: 0,
             rate_limit_burst: Duration::from_secs(2),
+            shutdown_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(30),
             failover_max: 2,
             failover_timeout: Duration::from_secs(5),
@@ -400,7 +406,7 @@ impl Settings {
 
     /// Every duration setting with its smallest sane value: zero would spin
     /// or panic (a zero interval); the largest is a day for all (more is a typo).
-    fn durations(&self) -> [(&'static str, Duration, Duration); 20] {
+    fn durations(&self) -> [(&'static str, Duration, Duration); 21] {
         let ms = Duration::from_millis;
         [
             ("handshake_timeout", self.handshake_timeout, ms(10)),
@@ -413,6 +419,7 @@ impl Settings {
             ("client_ping_interval", self.client_ping_interval, ms(10)),
             ("client_pong_timeout", self.client_pong_timeout, ms(10)),
             ("rate_limit_burst", self.rate_limit_burst, ms(1000)),
+            ("shutdown_delay", self.shutdown_delay, ms(0)),
             ("shutdown_grace", self.shutdown_grace, ms(0)),
             ("failover_timeout", self.failover_timeout, ms(10)),
             ("replay_max_age", self.replay_max_age, ms(1000)),
