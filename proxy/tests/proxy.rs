@@ -881,14 +881,8 @@ async fn a_shutdown_delay_serves_new_clients_after_readyz_turned_503() {
         open.send(msg.clone()).await.unwrap();
         assert_eq!(support::recv_data(&mut open).await, msg);
         end_session(&mut open, &open_id).await;
-        let mut status = None;
-        eventually(STEP, "the proxy process exits", || {
-            status = proxy.child.try_wait().expect("try_wait");
-            let done = status.is_some();
-            async move { done }
-        })
-        .await;
-        assert!(status.is_some_and(|s| s.success()), "stderr:\n{}", proxy.stderr_log());
+        let status = support::fleet::exited(&mut proxy, STEP).await;
+        assert!(status.success(), "stderr:\n{}", proxy.stderr_log());
         backend.shutdown().await;
     })
     .await;
@@ -977,14 +971,7 @@ async fn sigterm_drains_sessions_and_exits_zero() {
                 "1001 at {at:?} after SIGTERM, grace {grace:?}"
             );
         }
-        let mut status = None;
-        eventually(STEP, "the proxy process exits", || {
-            status = proxy.child.try_wait().expect("try_wait");
-            let done = status.is_some();
-            async move { done }
-        })
-        .await;
-        let status = status.unwrap();
+        let status = support::fleet::exited(&mut proxy, STEP).await;
         assert!(
             status.success(),
             "exit status {status}; stderr:\n{}",
