@@ -13,7 +13,7 @@ use reports::repro::{self, Options, SCENARIOS};
 )]
 struct Args {
     /// The short version of the scenario: `quick` for the reference,
-    /// `churn-quick` for churn.
+    /// `churn-quick` for churn, 100 sessions for 20 s for failover.
     #[arg(long)]
     quick: bool,
     /// Scenario: reference (default), quick, seed, stt, idle-3000, churn,
