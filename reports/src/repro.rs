@@ -3,6 +3,7 @@
 //! same load for a number of rounds, the order rotated each round, and write
 //! the report (medians, ranges and same-round ratios).
 
+pub mod failover;
 pub mod index;
 pub mod pool_metrics;
 pub mod soak;
@@ -275,9 +276,10 @@ pub const STT_BACKEND_ARGS: &[&str] = &[
     "2000",
 ];
 
-/// The arguments of backend `i` for a scenario `mode` ("echo" or "stt").
-fn backend_args(mode: &str, i: usize) -> Vec<String> {
-    let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--mode", mode]
+/// The arguments of backend `i` for a scenario `mode` ("echo" or "stt"),
+/// listening on `listen` (`127.0.0.1:0`: a port of its choice).
+fn backend_args(mode: &str, i: usize, listen: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["--listen", listen, "--mode", mode]
         .iter()
         .map(|a| (*a).to_owned())
         .collect();
@@ -294,7 +296,7 @@ fn start_backends(bin: &Path, out: &Path, mode: &str) -> anyhow::Result<(Vec<Pro
     let mut urls = Vec::new();
     for i in 0..3 {
         let mut cmd = Command::new(bin.join("echo-backend"));
-        cmd.args(backend_args(mode, i));
+        cmd.args(backend_args(mode, i, "127.0.0.1:0"));
         let mut b = Proc::spawn(&format!("echo-backend-{i}"), cmd, out)?;
         urls.push(b.ready_line("echo-backend listening on ", Duration::from_secs(10))?);
         backends.push(b);
@@ -375,17 +377,43 @@ pub fn run_soak(
     duration: Duration,
     command: String,
 ) -> anyhow::Result<PathBuf> {
+    let (bin, out) = prepare(out, "soak", no_build)?;
+    soak::run(&bin, &out, duration, command)
+}
+
+/// For a scenario of its own (soak, failover): the report directory (`out`,
+/// or `reports/out/<prefix>-<UTC timestamp>`) created, the release binaries
+/// built unless `no_build`, the open-files limit raised; returns the
+/// binaries' directory and the report directory.
+fn prepare(
+    out: Option<PathBuf>,
+    prefix: &str,
+    no_build: bool,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let root = workspace_root();
     let out = out.unwrap_or_else(|| {
         root.join("reports/out")
-            .join(format!("soak-{}", timestamp()))
+            .join(format!("{prefix}-{}", timestamp()))
     });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     if !no_build {
         cargo_build_release(&root)?;
     }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    soak::run(&target_dir(&root).join("release"), &out, duration, command)
+    Ok((target_dir(&root).join("release"), out))
+}
+
+/// Run the failover scenario (see [`failover`]): build unless told not to,
+/// then sttproxy and nginx in turn across a backend kill; returns the report
+/// directory.
+pub fn run_failover(
+    out: Option<PathBuf>,
+    no_build: bool,
+    plan: failover::FailoverPlan,
+    command: String,
+) -> anyhow::Result<PathBuf> {
+    let (bin, out) = prepare(out, "failover", no_build)?;
+    failover::run(&bin, &out, plan, command)
 }
 
 fn cargo_build_release(root: &Path) -> anyhow::Result<()> {
@@ -448,6 +476,7 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
         scenario: s,
         backend_urls: urls,
         workers,
+        backend_reuse: None,
     };
     let systems = start_systems(&env, venv, &mut notes)?;
     let measured = measure_rounds(&env, &systems, opts.rounds, &mut notes);

@@ -13,11 +13,11 @@ use reports::repro::{self, Options, SCENARIOS};
 )]
 struct Args {
     /// The short version of the scenario: `quick` for the reference,
-    /// `churn-quick` for churn.
+    /// `churn-quick` for churn, 100 sessions for 20 s for failover.
     #[arg(long)]
     quick: bool,
     /// Scenario: reference (default), quick, seed, stt, idle-3000, churn,
-    /// churn-quick, soak.
+    /// churn-quick, soak, failover.
     #[arg(long, default_value = "reference")]
     scenario: String,
     /// Rounds: every system is measured once per round, the order rotated
@@ -52,6 +52,11 @@ fn main() -> anyhow::Result<()> {
              backends killed and retargeted; checks rules instead of comparing systems",
             "soak"
         );
+        println!(
+            "{:<10} sttproxy (resumable backends) and nginx in turn: 300 stt sessions for 60 s (--quick: 100 for 20 s), \
+             one of 3 backends SIGKILLed mid-run; charts sessions surviving vs ended",
+            "failover"
+        );
         return Ok(());
     }
     if args.guardian {
@@ -71,6 +76,19 @@ fn main() -> anyhow::Result<()> {
             .duration
             .unwrap_or(repro::soak::SoakPlan::DEFAULT_DURATION);
         let dir = repro::run_soak(args.out, args.no_build, duration, command)?;
+        println!("{}", dir.display());
+        return Ok(());
+    }
+    if args.scenario == "failover" {
+        if args.duration.is_some() {
+            anyhow::bail!("--duration is for --scenario soak only");
+        }
+        let plan = if args.quick {
+            repro::failover::FailoverPlan::quick()
+        } else {
+            repro::failover::FailoverPlan::full()
+        };
+        let dir = repro::run_failover(args.out, args.no_build, plan, command)?;
         println!("{}", dir.display());
         return Ok(());
     }

@@ -456,19 +456,7 @@ pub fn run(bin: &Path, out: &Path, duration: Duration, command: String) -> anyho
     let md = render(&result, &load);
     std::fs::write(out.join("soak.md"), &md).context("writing soak.md")?;
     println!("{md}");
-    let failed: Vec<&str> = result
-        .checks
-        .iter()
-        .filter(|c| !c.held)
-        .map(|c| c.rule.as_str())
-        .collect();
-    if !failed.is_empty() {
-        bail!(
-            "soak: {} rule(s) failed: {}",
-            failed.len(),
-            failed.join("; ")
-        );
-    }
+    verdict::fail_on("soak", &result.checks)?;
     Ok(out.to_path_buf())
 }
 
@@ -665,16 +653,7 @@ fn render(r: &SoakResult, load: &crate::results::RunResult) -> String {
         p.restart_after_s,
         p.retarget_every_s
     );
-    let _ = writeln!(s, "## Rules\n\n| rule | held | detail |\n|---|---|---|");
-    for c in &r.checks {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} |",
-            c.rule,
-            if c.held { "yes" } else { "**NO**" },
-            c.detail.replace('|', "\\|")
-        );
-    }
+    let _ = write!(s, "## Rules\n\n{}", verdict::rules_table(&r.checks));
     let m = &load.messages;
     let _ = writeln!(
         s,

@@ -124,6 +124,11 @@ pub(super) struct Running {
 }
 
 impl Running {
+    /// sttproxy's admin listener (`None` for the other systems).
+    pub fn admin(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
     /// Stop it (SIGTERM, then SIGKILL after its grace).
     pub fn stop(mut self) {
         self.proc.stop(self.grace);
@@ -138,6 +143,9 @@ pub(super) struct Env {
     pub scenario: Scenario,
     pub backend_urls: Vec<String>,
     pub workers: usize,
+    /// `--reuse` of every backend added to sttproxy (`resumable` in the
+    /// failover scenario); `None`: the default (`fenced`).
+    pub backend_reuse: Option<&'static str>,
 }
 
 impl Env {
@@ -271,12 +279,11 @@ impl Env {
     fn add_backend(&self, db: &str, url: &str) -> anyhow::Result<()> {
         let target = self.sttproxy_target();
         let (target, max) = (target.to_string(), (target * 2).to_string());
-        backends_cli(
-            &self.bin,
-            &self.out,
-            db,
-            &["add", "--url", url, "--target", &target, "--max", &max],
-        )
+        let mut args = vec!["add", "--url", url, "--target", &target, "--max", &max];
+        if let Some(reuse) = self.backend_reuse {
+            args.extend(["--reuse", reuse]);
+        }
+        backends_cli(&self.bin, &self.out, db, &args)
     }
 
     /// Start the Python baseline; its idle RSS once ready is its warm-pool base

@@ -88,6 +88,37 @@ impl Check {
     }
 }
 
+/// The rules as a Markdown table (after a blank line).
+pub fn rules_table(checks: &[Check]) -> String {
+    let mut s = String::from("| rule | held | detail |\n|---|---|---|\n");
+    for c in checks {
+        s.push_str(&format!(
+            "| {} | {} | {} |\n",
+            c.rule,
+            if c.held { "yes" } else { "**NO**" },
+            c.detail.replace('|', "\\|")
+        ));
+    }
+    s
+}
+
+/// An error naming the rules that failed (`what` says whose), or `Ok`.
+pub fn fail_on(what: &str, checks: &[Check]) -> anyhow::Result<()> {
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.held)
+        .map(|c| c.rule.as_str())
+        .collect();
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{what}: {} rule(s) failed: {}",
+            failed.len(),
+            failed.join("; ")
+        );
+    }
+    Ok(())
+}
+
 /// Seconds of the load generator's timeline (each entry covers `(t-1, t]`)
 /// with aborted sessions that no backend kill explains: an abort is
 /// explained when its second overlaps `[kill - before, kill + after]` of a
@@ -138,6 +169,21 @@ pub fn unexpected_kinds(errors: &BTreeMap<String, u64>) -> BTreeMap<String, u64>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_rules_are_named_and_the_table_escapes_pipes() {
+        let checks = [
+            Check::new("a held", true, "x | y"),
+            Check::new("b failed", false, "z"),
+            Check::new("c failed", false, ""),
+        ];
+        let table = rules_table(&checks);
+        assert!(table.contains("| a held | yes | x \\| y |\n"), "{table}");
+        assert!(table.contains("| b failed | **NO** | z |\n"), "{table}");
+        let err = fail_on("soak", &checks).unwrap_err().to_string();
+        assert_eq!(err, "soak: 2 rule(s) failed: b failed; c failed");
+        assert!(fail_on("soak", &checks[..1]).is_ok());
+    }
 
     #[test]
     fn slope_of_a_line_is_its_gradient_and_of_a_flat_series_zero() {
