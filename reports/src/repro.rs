@@ -5,6 +5,7 @@
 
 pub mod index;
 pub mod pool_metrics;
+pub mod rolling;
 pub mod soak;
 mod systems;
 
