@@ -6,6 +6,7 @@
 pub mod failover;
 pub mod index;
 pub mod pool_metrics;
+pub mod rolling;
 pub mod soak;
 mod systems;
 

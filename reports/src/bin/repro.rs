@@ -17,7 +17,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Scenario: reference (default), quick, seed, stt, idle-3000, churn,
-    /// churn-quick, soak, failover.
+    /// churn-quick, soak, failover, rolling.
     #[arg(long, default_value = "reference")]
     scenario: String,
     /// Rounds: every system is measured once per round, the order rotated
@@ -57,6 +57,11 @@ fn main() -> anyhow::Result<()> {
              one of 3 backends SIGKILLed mid-run; charts sessions surviving vs ended",
             "failover"
         );
+        println!(
+            "{:<10} 2 replicas behind HAProxy: a backend added live, then a rolling upgrade by listener \
+             hand-over under 500 streaming sessions and a connect loop (100 with --quick)",
+            "rolling"
+        );
         return Ok(());
     }
     if args.guardian {
@@ -94,6 +99,12 @@ fn main() -> anyhow::Result<()> {
     }
     if args.duration.is_some() {
         anyhow::bail!("--duration is for --scenario soak only");
+    }
+    if let name @ ("rolling" | "rolling-quick") = args.scenario.as_str() {
+        let quick = args.quick || name == "rolling-quick";
+        let dir = repro::rolling::run_rolling(args.out, args.no_build, quick, command)?;
+        println!("{}", dir.display());
+        return Ok(());
     }
     let name = match (args.quick, args.scenario.as_str()) {
         (false, name) => name.to_string(),
