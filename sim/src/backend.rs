@@ -20,6 +20,12 @@
 //! dependency of the simulator on echo-backend's internals, so the two stay separate;
 //! docs/protocol.md is the contract both follow.
 //!
+//! A resumable backend (`BackendSpec::resume`, stt mode) speaks `resume`
+//! (docs/failover.md): its partials carry `end_bytes` (client audio bytes heard,
+//! binary payloads only), its finals `start_bytes`..`end_bytes` and `ack_bytes`
+//! (finals tile the audio), and a `session.start` with
+//! `"resume":{"from_bytes":A}` starts its offsets and a new utterance at `A`.
+//!
 //! In echo mode a backend may reflect the JSON a client sends back to it as
 //! text (`BackendSpec::reflect_json`): whatever a client says, shaped like a
 //! control message, comes back from the backend's side.
@@ -99,8 +105,19 @@ pub struct BackendSpec {
     /// Echo mode: data that parses as a JSON object comes back as that JSON,
     /// re-serialized (keys sorted, escapes undone), as text.
     pub reflect_json: bool,
+    /// Stt mode: speaks `resume` (results carry audio offsets; a resumed
+    /// session carries on from `from_bytes`). The runner turns it off for the
+    /// scenario's fenced backends.
+    pub resume: bool,
+    /// Deliberately broken, for the checkers' own test: a resumed session's
+    /// offsets restart at 0 instead of `from_bytes`.
+    pub resume_from_zero: bool,
     pub faults: Faults,
 }
+
+/// Resumable stt mode: the chance that a chunk's partial is followed by a
+/// final (the utterance ends there; its audio is acknowledged).
+const FINAL_P: f64 = 0.3;
 
 /// Why a dial failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,6 +254,8 @@ impl SimBackend {
             session: None,
             queue: VecDeque::new(),
             seq: 0,
+            audio: 0,
+            utterance_start: 0,
             stalled: false,
             death_at: None,
             hold_until: None,
@@ -293,6 +312,10 @@ struct ConnTask {
     /// Results to send, due times non-decreasing.
     queue: VecDeque<(Instant, String, bool)>,
     seq: u64,
+    /// Resumable stt mode: client audio bytes heard (from `from_bytes` on a
+    /// resumed session), and where the open utterance starts.
+    audio: u64,
+    utterance_start: u64,
     stalled: bool,
     death_at: Option<Instant>,
     /// Reading (and so the automatic pong) is held until then.
@@ -485,13 +508,17 @@ impl ConnTask {
                     .as_ref()
                     .and_then(|v| text_field(v, "fence"))
                     .map(str::to_string);
+                let resume = control
+                    .as_ref()
+                    .and_then(|v| v.get("resume"))
+                    .map(|r| r.get("from_bytes").and_then(Value::as_u64).unwrap_or(0));
                 match (kind, sid) {
-                    ("session.start", Some(sid)) => self.on_start(sid),
+                    ("session.start", Some(sid)) => self.on_start(sid, resume),
                     ("session.end", Some(sid)) => self.on_end(&sid, fence),
-                    _ => self.on_data(t.as_bytes()),
+                    _ => self.on_data(t.as_bytes(), false),
                 }
             }
-            Message::Binary(b) => self.on_data(&b),
+            Message::Binary(b) => self.on_data(&b, true),
             Message::Ping(_) => {
                 if !self.faults() {
                     return;
@@ -514,12 +541,35 @@ impl ConnTask {
         }
     }
 
-    fn on_start(&mut self, sid: String) {
+    fn resumable(&self) -> bool {
+        self.backend.spec.mode == Mode::Stt && self.backend.spec.resume
+    }
+
+    fn on_start(&mut self, sid: String, resume: Option<u64>) {
         if let Some(prev) = &self.session {
             self.unfenced(format!(
                 "session.start for {sid} while {prev} has not ended"
             ));
         }
+        if let Some(from) = resume {
+            let (pool, id) = (self.link.pool, self.link.id);
+            if !self.resumable() {
+                self.backend.world.violation(
+                    Kind::BadTakeover,
+                    format!("p{pool} c{id}: {sid} resumed (from byte {from}) on a backend that does not speak resume"),
+                );
+            }
+            self.backend
+                .world
+                .note(|| format!("p{pool} c{id} takes {sid} over from byte {from}"));
+        }
+        let from = if self.backend.spec.resume_from_zero {
+            0
+        } else {
+            resume.unwrap_or(0)
+        };
+        self.audio = from;
+        self.utterance_start = from;
         self.death_at = None;
         if self.faults() && self.chance(self.backend.spec.faults.leased_death_p) {
             let d = self.millis((0, 8000));
@@ -549,9 +599,16 @@ impl ConnTask {
             delay += self.millis(f.late_final_ms);
             self.link.mark_faulted();
         }
-        let fin =
-            serde_json::json!({"type": "final", "session": cur, "partials": self.seq}).to_string();
-        self.enqueue(delay, fin, false);
+        if self.resumable() {
+            // The last final covers the open utterance, if it has audio.
+            if let Some(fin) = self.final_result(&cur) {
+                self.enqueue(delay, fin, false);
+            }
+        } else {
+            let fin = serde_json::json!({"type": "final", "session": cur, "partials": self.seq})
+                .to_string();
+            self.enqueue(delay, fin, false);
+        }
         if let Some(token) = &fence {
             self.backend.world.fence_token(token);
         }
@@ -560,11 +617,54 @@ impl ConnTask {
         self.enqueue(Duration::ZERO, ended, true);
     }
 
-    fn on_data(&mut self, data: &[u8]) {
+    /// Resumable stt mode: the final of the open utterance (up to the audio
+    /// heard), which acknowledges it; `None` if it has no audio.
+    fn final_result(&mut self, cur: &str) -> Option<String> {
+        if self.audio <= self.utterance_start {
+            return None;
+        }
+        let start = std::mem::replace(&mut self.utterance_start, self.audio);
+        Some(
+            serde_json::json!({
+                "type": "final",
+                "session": cur,
+                "start_bytes": start,
+                "end_bytes": self.audio,
+                "ack_bytes": self.audio,
+            })
+            .to_string(),
+        )
+    }
+
+    fn on_data(&mut self, data: &[u8], binary: bool) {
         let Some(cur) = self.session.clone() else {
             self.unfenced("data on a connection with no session".into());
             return;
         };
+        if self.resumable() {
+            // Only binary messages are audio; a partial for each, and a final
+            // now and then.
+            if !binary {
+                return;
+            }
+            self.seq += 1;
+            self.audio += data.len() as u64;
+            let delay = self.millis(self.backend.spec.result_ms);
+            let partial = serde_json::json!({
+                "type": "partial",
+                "session": cur,
+                "seq": self.seq,
+                "end_bytes": self.audio,
+            })
+            .to_string();
+            self.enqueue(delay, partial, false);
+            if self.chance(FINAL_P)
+                && let Some(fin) = self.final_result(&cur)
+            {
+                self.enqueue(Duration::ZERO, fin, false);
+            }
+            return;
+        }
         self.seq += 1;
         let delay = self.millis(self.backend.spec.result_ms);
         let reflected = if self.backend.spec.reflect_json && data.first() == Some(&b'{') {

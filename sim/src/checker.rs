@@ -47,6 +47,17 @@ pub enum Kind {
     LeakedTask,
     /// A client left waiting: its session did not end in time.
     HungSession,
+    /// A client of a resumable session got a result twice, out of order, or
+    /// past the audio it sent: partials' `end_bytes` must strictly increase,
+    /// finals must tile the audio from 0 without a gap or an overlap, a
+    /// `session.failover` must resume where the client's finals end.
+    ResultOrder,
+    /// A takeover went where it must not: to a backend that does not speak
+    /// `resume`, or to a backend the session already had.
+    BadTakeover,
+    /// A resumable session closed with 1014 later than `failover_timeout`
+    /// plus one relay tick after its backend failed.
+    FailoverDeadline,
 }
 
 impl Kind {
@@ -67,6 +78,9 @@ impl Kind {
             Kind::NotConverged => "not_converged",
             Kind::LeakedTask => "leaked_task",
             Kind::HungSession => "hung_session",
+            Kind::ResultOrder => "result_order",
+            Kind::BadTakeover => "bad_takeover",
+            Kind::FailoverDeadline => "failover_deadline",
         }
     }
 }

@@ -5,6 +5,11 @@
 //! mid-stream or mid-finish). A forging client tries to end its fence itself:
 //! after `session.started` it sends a `session.ended` of its own making right
 //! before its `session.end`.
+//!
+//! On a resumable backend its results carry audio offsets; the client keeps a
+//! [`Ledger`] of them and reports every repeat, step back or gap
+//! (`Kind::ResultOrder`), and a clean end whose finals fall short of the
+//! audio it sent (`Kind::LostMessage`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +24,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 
 use crate::backend::ws_config;
 use crate::checker::Kind;
+use crate::ledger::Ledger;
 use crate::world::{ClientReport, World};
 
 /// How a client ends its session.
@@ -100,6 +106,11 @@ struct Seen {
     got_started: bool,
     got_ended: bool,
     close_code: Option<u16>,
+    /// When the Close came.
+    close_at: Option<Instant>,
+    /// Audio bytes sent (binary payloads).
+    audio: u64,
+    ledger: Ledger,
 }
 
 impl Seen {
@@ -142,6 +153,11 @@ impl Seen {
                         ),
                     );
                 }
+                if session == self.sid
+                    && let Err(e) = self.ledger.take(&v, self.audio)
+                {
+                    world.violation(Kind::ResultOrder, format!("{}: {e}", self.sid));
+                }
                 match kind {
                     "echo" | "partial" => self.received += 1,
                     "session.started" => self.got_started = true,
@@ -163,7 +179,13 @@ impl Seen {
                 true
             }
             Some(Ok(Message::Close(frame))) => {
-                self.close_code = Some(frame.map_or(1005, |f| u16::from(f.code)));
+                // tungstenite does not know 1014 and hands it over as 1002
+                // "Protocol violation" (as proxy/tests/failover.rs reads it).
+                self.close_code = Some(frame.map_or(1005, |f| match u16::from(f.code) {
+                    1002 if f.reason == "Protocol violation" => 1014,
+                    code => code,
+                }));
+                self.close_at = Some(Instant::now());
                 true
             }
             Some(Ok(_)) => true,
@@ -189,6 +211,9 @@ pub async fn run_client(world: Arc<World>, plan: ClientPlan, io: DuplexStream) {
         got_started: false,
         got_ended: false,
         close_code: None,
+        close_at: None,
+        audio: 0,
+        ledger: Ledger::default(),
     };
     let stop_at = match plan.end {
         EndKind::Graceful | EndKind::VanishInFinish => plan.chunks,
@@ -208,9 +233,11 @@ pub async fn run_client(world: Arc<World>, plan: ClientPlan, io: DuplexStream) {
             msg = ws.next() => open = seen.take(msg, &world),
             () = tokio::time::sleep_until(next_send) => {
                 let chunk = format!("{sid}|{sent}|{pad}");
+                let len = chunk.len() as u64;
                 if ws.send(Message::binary(chunk.into_bytes())).await.is_err() {
                     open = false;
                 } else {
+                    seen.audio += len;
                     sent += 1;
                     next_send += plan.interval;
                 }
@@ -286,11 +313,18 @@ pub async fn run_client(world: Arc<World>, plan: ClientPlan, io: DuplexStream) {
         }
     }
     drop(ws);
+    if seen.got_ended
+        && let Err(e) = seen.ledger.finish(seen.audio)
+    {
+        world.violation(Kind::LostMessage, format!("{sid}: {e}"));
+    }
     let report = ClientReport {
         sent,
         received: seen.received,
         got_ended: seen.got_ended,
         close_code: seen.close_code,
+        close_at: seen.close_at,
+        failovers: seen.ledger.failovers,
         graceful: plan.end == EndKind::Graceful,
     };
     world.client_done(plan.session, report);

@@ -13,13 +13,14 @@
 //! `tasks` (the task-count guard), `transport` (in-memory links), `backend`
 //! (backend emulation), `client` (client emulation), `sessions` (routing and
 //! the production session), `pools` (the pools under test), `truth` and
-//! `world` (what really happened), `checker` and `invariants` (what must
+//! `world` (what really happened), `checker`, `invariants` and `ledger` (what must
 //! hold), `trace`, `scenario`, `runner`, `report`, `sweep`; the binary is the CLI.
 
 pub mod backend;
 pub mod checker;
 pub mod client;
 pub mod invariants;
+pub mod ledger;
 pub mod pools;
 pub mod report;
 pub mod runner;

@@ -141,6 +141,17 @@ impl RunReport {
                 st.late_frames
             );
         }
+        if st.failovers > 0 || st.resumable_failed > 0 {
+            let _ = writeln!(
+                o,
+                "  failover: {} notices; {} sessions ended clean after one failover, {} after two or more; {} graceful resumable sessions did not (latest 1014 {} ms after the backend failed)",
+                st.failovers,
+                st.resumed_once,
+                st.resumed_twice,
+                st.resumable_failed,
+                st.worst_failover_close_ms
+            );
+        }
         let settled = match self.settled_after {
             Some(d) => format!(
                 "settled at target {:.1} s after the faults stopped",

@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use sttproxy::backend::health::HealthThresholds;
 use sttproxy::backends::Backends;
+use sttproxy::config::Settings;
 use sttproxy::metrics::Metrics;
 use sttproxy::reconcile::ReconcileConfig;
 use sttproxy::session::{SessionContext, SessionSettings};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::SimBackend;
+use crate::backend::{BackendSpec, SimBackend};
 use crate::checker::Kind;
 use crate::client::{ClientPlan, EndKind, Forge};
 use crate::invariants::check_snapshot;
@@ -72,9 +73,15 @@ pub struct Bounds {
 }
 
 pub fn bounds(sc: &Scenario, r: &ReconcileConfig, s: &SessionSettings) -> Bounds {
+    // A session that fails over may wait up to `failover_timeout` each time.
+    let failovers = s
+        .failover
+        .filter(|_| sc.backend.resume)
+        .map_or(Duration::ZERO, |f| f.timeout * f.max_failovers);
     let session = Duration::from_millis(u64::from(sc.load.chunks.1) * sc.load.interval_ms.1)
         + s.acquire_timeout
         + s.drain_timeout
+        + failovers
         + Duration::from_secs(2);
     let dial_rounds = sc.max.div_ceil(r.max_concurrent_dials.max(1)) as u32;
     let settle = session
@@ -103,7 +110,15 @@ async fn drive<P: PoolUnderTest>(spec: &RunSpec) -> RunReport {
     let world = World::new(clock, truths);
     let tasks = Tasks::default();
     let reconcile = ReconcileConfig::default();
-    let settings = SessionSettings::default();
+    // Failover as the proxy configures it by default (docs/failover.md); it
+    // applies only to sessions on resumable backends.
+    let settings = SessionSettings {
+        failover: Settings::default().session_settings().failover,
+        ..SessionSettings::default()
+    };
+    let resumable: Vec<bool> = (0..sc.backends)
+        .map(|i| sc.backend.resume && i + sc.fenced_backends < sc.backends)
+        .collect();
     let b = bounds(sc, &reconcile, &settings);
     let params = PoolParams {
         target: sc.target,
@@ -118,7 +133,10 @@ async fn drive<P: PoolUnderTest>(spec: &RunSpec) -> RunReport {
         .map(|i| {
             SimBackend::new(
                 i,
-                sc.backend.clone(),
+                BackendSpec {
+                    resume: resumable[i],
+                    ..sc.backend.clone()
+                },
                 world.clone(),
                 tasks.clone(),
                 seed_for(seed, &format!("backend{i}")),
@@ -152,6 +170,7 @@ async fn drive<P: PoolUnderTest>(spec: &RunSpec) -> RunReport {
         tasks: tasks.clone(),
         rng: SimRng::new(seed_for(seed, "routing")),
         acquire_timeout: settings.acquire_timeout,
+        resumable,
     });
 
     let stop_checks = CancellationToken::new();
@@ -193,6 +212,12 @@ async fn drive<P: PoolUnderTest>(spec: &RunSpec) -> RunReport {
                 crasher(backend.clone(), c, driver_rng.fork_sim(), stop.clone()),
             );
         }
+    }
+    if let Some(c) = sc.crash_cycle {
+        tasks.spawn(
+            "crasher",
+            crash_cycles(backends.clone(), c, driver_rng.fork_sim(), stop.clone()),
+        );
     }
     tokio::time::sleep(spec.duration).await;
 
@@ -485,5 +510,48 @@ async fn crasher(
             () = tokio::time::sleep(rng.exp(c.down_mean)) => {}
         }
         backend.restore();
+    }
+}
+
+/// Scripted crash cycles (`CrashCycle`) until `stop`; a cycle cut short by
+/// `stop` leaves its backends down (the run restores every backend then).
+async fn crash_cycles(
+    backends: Vec<Arc<SimBackend>>,
+    c: crate::scenario::CrashCycle,
+    rng: SimRng,
+    stop: CancellationToken,
+) {
+    let pause = |until: Instant| {
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => false,
+                () = tokio::time::sleep_until(until) => true,
+            }
+        }
+    };
+    let n = backends.len();
+    for cycle in 0usize.. {
+        let start = Instant::now();
+        if !pause(start + c.at).await {
+            return;
+        }
+        let first = Instant::now();
+        for k in 0..c.crashes.min(n) {
+            if k > 0 && !pause(Instant::now() + rng.millis(c.gap_ms)).await {
+                return;
+            }
+            backends[(cycle + k) % n].crash();
+        }
+        if !pause(first + c.down).await {
+            return;
+        }
+        for b in &backends {
+            b.restore();
+        }
+        if !pause(start + c.period).await {
+            return;
+        }
     }
 }

@@ -36,6 +36,19 @@ pub struct Crashes {
     pub down_mean: Duration,
 }
 
+/// Scripted crashes, one cycle every `period` of the fault phase: in cycle
+/// `n`, `at` into it, backends `n`, `n+1`, … (mod the count) crash in turn,
+/// `crashes` of them, `gap_ms` apart (uniform); all come back `down` after the
+/// first crash.
+#[derive(Debug, Clone, Copy)]
+pub struct CrashCycle {
+    pub period: Duration,
+    pub at: Duration,
+    pub crashes: usize,
+    pub gap_ms: (u64, u64),
+    pub down: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Scenario {
     pub name: &'static str,
@@ -44,10 +57,14 @@ pub struct Scenario {
     pub target: usize,
     pub max: usize,
     pub backend: BackendSpec,
+    /// With `backend.resume`: the last this many backends do not speak
+    /// `resume` (they are `fenced`).
+    pub fenced_backends: usize,
     pub load: Load,
     /// Milliseconds between live target changes (uniform), if any.
     pub storm_ms: Option<(u64, u64)>,
     pub crashes: Option<Crashes>,
+    pub crash_cycle: Option<CrashCycle>,
     /// No load, no faults: pools warm up.
     pub warmup: Duration,
     /// Default length of the fault phase (`--duration` overrides).
@@ -72,8 +89,11 @@ fn base() -> Scenario {
             dial_ms: (1, 20),
             result_ms: (5, 60),
             reflect_json: false,
+            resume: false,
+            resume_from_zero: false,
             faults: Faults::default(),
         },
+        fenced_backends: 0,
         load: Load {
             arrivals_per_s: 1.5,
             herd: 0,
@@ -87,6 +107,7 @@ fn base() -> Scenario {
         },
         storm_ms: None,
         crashes: None,
+        crash_cycle: None,
         warmup: secs(10),
         duration: secs(600),
         health_interval: secs(10),
@@ -287,7 +308,75 @@ pub fn all() -> Vec<Scenario> {
             },
             ..base()
         },
+        Scenario {
+            name: "failover-crash",
+            about: "failover: every 30 s one backend crashes with sessions in flight (10 s down); 3 resumable backends and 1 fenced one; sessions on a resumable one carry on on another",
+            backends: 4,
+            fenced_backends: 1,
+            crash_cycle: Some(CrashCycle {
+                crashes: 1,
+                ..failover_cycle()
+            }),
+            ..failover_base()
+        },
+        Scenario {
+            name: "failover-twice",
+            about: "failover: every 30 s two of 3 resumable backends crash in turn, 0.2-1.5 s apart; sessions moved to the second move again, to the third",
+            crash_cycle: Some(CrashCycle {
+                crashes: 2,
+                gap_ms: (200, 1500),
+                ..failover_cycle()
+            }),
+            ..failover_base()
+        },
+        Scenario {
+            name: "failover-down",
+            about: "failover: every 30 s both resumable backends crash, 0-1 s apart: no healthy backend, every session in flight gets 1014 within failover_timeout",
+            backends: 2,
+            crash_cycle: Some(CrashCycle {
+                crashes: 2,
+                gap_ms: (0, 1000),
+                ..failover_cycle()
+            }),
+            ..failover_base()
+        },
     ]
+}
+
+/// The failover scenarios' common ground: resumable stt backends, clients
+/// streaming 2-12 s of audio (5% each vanish or close mid-stream, or vanish
+/// right after `session.end`), a crash cycle every 30 s.
+fn failover_base() -> Scenario {
+    Scenario {
+        backends: 3,
+        backend: BackendSpec {
+            mode: Mode::Stt,
+            result_ms: (5, 120),
+            resume: true,
+            ..base().backend
+        },
+        load: Load {
+            arrivals_per_s: 2.0,
+            chunks: (8, 24),
+            interval_ms: (250, 500),
+            vanish_p: 0.05,
+            close_p: 0.05,
+            vanish_in_finish_p: 0.05,
+            ..base().load
+        },
+        duration: secs(300),
+        ..base()
+    }
+}
+
+fn failover_cycle() -> CrashCycle {
+    CrashCycle {
+        period: secs(30),
+        at: secs(10),
+        crashes: 1,
+        gap_ms: (0, 0),
+        down: secs(10),
+    }
 }
 
 /// The scenario called `name`.

@@ -32,8 +32,9 @@ pub struct LinkState {
     /// The proxy's end was dropped.
     proxy_gone: AtomicBool,
     proxy_gone_notify: Notify,
-    /// A fault was injected on this connection.
+    /// A fault was injected on this connection, last at this time.
     faulted: AtomicBool,
+    faulted_at: Mutex<Option<tokio::time::Instant>>,
     /// The backend is inside a session: from reading its `session.start`
     /// until it sends the session's real `session.ended`.
     in_session: AtomicBool,
@@ -45,7 +46,7 @@ pub struct LinkState {
 
 impl LinkState {
     pub fn reset(&self) {
-        self.faulted.store(true, Ordering::Relaxed);
+        self.mark_faulted();
         self.reset.store(true, Ordering::Relaxed);
     }
 
@@ -64,10 +65,23 @@ impl LinkState {
 
     pub fn mark_faulted(&self) {
         self.faulted.store(true, Ordering::Relaxed);
+        let mut at = match self.faulted_at.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *at = Some(tokio::time::Instant::now());
     }
 
     pub fn faulted(&self) -> bool {
         self.faulted.load(Ordering::Relaxed)
+    }
+
+    /// When a fault was last injected on this connection.
+    pub fn faulted_at(&self) -> Option<tokio::time::Instant> {
+        match self.faulted_at.lock() {
+            Ok(g) => *g,
+            Err(p) => *p.into_inner(),
+        }
     }
 
     pub fn set_in_session(&self, on: bool) {
@@ -134,6 +148,7 @@ pub fn link(
         proxy_gone: AtomicBool::new(false),
         proxy_gone_notify: Notify::new(),
         faulted: AtomicBool::new(false),
+        faulted_at: Mutex::new(None),
         in_session: AtomicBool::new(false),
         stale: AtomicBool::new(false),
     });

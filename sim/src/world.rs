@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::time::Instant;
+
 use crate::checker::{Checker, Kind};
 use crate::runtime::Clock;
 use crate::trace::Trace;
@@ -19,6 +21,10 @@ pub struct ClientReport {
     pub received: u64,
     pub got_ended: bool,
     pub close_code: Option<u16>,
+    /// When the Close came.
+    pub close_at: Option<Instant>,
+    /// `session.failover` notices it got.
+    pub failovers: u32,
     /// The client meant to end gracefully (and did not vanish).
     pub graceful: bool,
 }
@@ -32,6 +38,13 @@ pub struct SessionRecord {
     pub faulted: bool,
     pub outcome: Option<&'static str>,
     pub client: Option<ClientReport>,
+    /// Every pool it leased from, in order (a takeover adds one).
+    pub used: Vec<usize>,
+    /// It may fail over (a resumable backend, failover on): how long after
+    /// its last backend failure a 1014 may come at the latest.
+    pub failover_bound: Option<std::time::Duration>,
+    /// When the last of its backend connections failed.
+    pub last_fault: Option<Instant>,
 }
 
 /// Figures of a run beyond the violations.
@@ -52,6 +65,16 @@ pub struct RunStats {
     pub forged: u64,
     /// Frames of an ended session that backends sent after its `session.ended`.
     pub late_frames: u64,
+    /// `session.failover` notices clients got.
+    pub failovers: u64,
+    /// Sessions that ended cleanly after failing over once / twice or more.
+    pub resumed_once: u64,
+    pub resumed_twice: u64,
+    /// Graceful sessions on a resumable backend that did not end cleanly.
+    pub resumable_failed: u64,
+    /// Longest time from a resumable session's last backend failure to its
+    /// 1014, virtual ms.
+    pub worst_failover_close_ms: u64,
 }
 
 #[derive(Debug)]
@@ -222,8 +245,20 @@ impl World {
                 );
             }
             let r = s.sessions.entry(session).or_default();
+            let again = r.used.contains(&pool);
+            r.used.push(pool);
             r.pool = Some(pool);
             r.conn = Some(conn);
+            if again {
+                s.checker.event(
+                    Kind::BadTakeover,
+                    now,
+                    format!(
+                        "s{session} leased from p{pool} again (a takeover to a backend it had)"
+                    ),
+                    &mut s.trace,
+                );
+            }
         });
     }
 

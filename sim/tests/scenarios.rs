@@ -116,6 +116,71 @@ fn late_frame() {
     }
 }
 
+/// One backend at a time crashes under sessions: every graceful session on a
+/// resumable backend carries on elsewhere (none ends otherwise), and the
+/// clients' ledgers find nothing repeated, out of order or lost.
+#[test]
+fn failover_crash() {
+    for r in ours_holds("failover-crash") {
+        let st = &r.stats;
+        assert!(
+            st.resumed_once > 0,
+            "nothing failed over:\n{}",
+            r.render(false)
+        );
+        assert_eq!(st.resumable_failed, 0, "{}", r.render(false));
+    }
+}
+
+/// Two backends crash in turn: sessions moved onto the second move again.
+#[test]
+fn failover_twice() {
+    let runs = ours_holds("failover-twice");
+    for r in &runs {
+        assert!(r.stats.resumed_once > 0, "{}", r.render(false));
+    }
+    assert!(
+        runs.iter().any(|r| r.stats.resumed_twice > 0),
+        "no session failed over twice"
+    );
+}
+
+/// Every backend down: sessions in flight get 1014, within the deadline
+/// (checked per session: `Kind::FailoverDeadline`).
+#[test]
+fn failover_down() {
+    for r in ours_holds("failover-down") {
+        let st = &r.stats;
+        assert!(
+            st.resumable_failed > 0,
+            "nobody got 1014:\n{}",
+            r.render(false)
+        );
+        assert!(st.worst_failover_close_ms > 0, "{}", r.render(false));
+    }
+}
+
+/// The failover checks are not vacuous: a backend that resumes its offsets
+/// at 0 instead of `from_bytes` makes clients see results that repeat or
+/// leave gaps.
+#[test]
+fn a_broken_resume_is_caught() {
+    let mut scenario = scenario::find("failover-crash").unwrap();
+    scenario.backend.resume_from_zero = true;
+    let r = run(&RunSpec {
+        scenario,
+        seed: 1,
+        pool: PoolKind::Ours,
+        duration: Duration::from_secs(120),
+    })
+    .expect("runtime");
+    assert!(
+        r.violations.contains_key(&Kind::ResultOrder),
+        "a broken resume went unseen:\n{}",
+        r.render(false)
+    );
+}
+
 #[test]
 fn every_scenario_is_tested() {
     let tested = [
@@ -130,6 +195,9 @@ fn every_scenario_is_tested() {
         "chaos",
         "forged-fence",
         "late-frame",
+        "failover-crash",
+        "failover-twice",
+        "failover-down",
     ];
     let all: Vec<&str> = scenario::all().iter().map(|s| s.name).collect();
     assert_eq!(all, tested, "a scenario was added without its test");
