@@ -340,6 +340,33 @@ pub fn all() -> Vec<Scenario> {
             }),
             ..failover_base()
         },
+        Scenario {
+            name: "failover-chaos",
+            about: "failover under everything: leased connections die (20%), idle ones die, dials fail, late finals, late pongs, two of 3 backends crashing 0-4 s apart every 30 s, a target change every 0.5-3 s",
+            max: 16,
+            backend: BackendSpec {
+                faults: Faults {
+                    dial_fail_p: 0.2,
+                    dial_delay_ms: (0, 800),
+                    idle_death_mean: Some(secs(60)),
+                    leased_death_p: 0.2,
+                    late_pong_p: 0.2,
+                    pong_delay_ms: (500, 3000),
+                    late_final_p: 0.03,
+                    late_final_ms: (4000, 8000),
+                    ..Faults::default()
+                },
+                ..failover_base().backend
+            },
+            storm_ms: Some((500, 3000)),
+            crash_cycle: Some(CrashCycle {
+                crashes: 2,
+                gap_ms: (0, 4000),
+                ..failover_cycle()
+            }),
+            health_interval: secs(3),
+            ..failover_base()
+        },
     ]
 }
 

@@ -28,10 +28,14 @@ fn run_one(name: &str, seed: u64, pool: PoolKind, duration: Duration) -> RunRepo
 }
 
 fn ours_holds(name: &str) -> Vec<RunReport> {
-    SEEDS
+    ours_holds_on(name, &SEEDS, DURATION)
+}
+
+fn ours_holds_on(name: &str, seeds: &[u64], duration: Duration) -> Vec<RunReport> {
+    seeds
         .iter()
         .map(|&seed| {
-            let r = run_one(name, seed, PoolKind::Ours, DURATION);
+            let r = run_one(name, seed, PoolKind::Ours, duration);
             assert!(
                 r.total_violations() == 0,
                 "ours violated an invariant:\n{}",
@@ -160,6 +164,18 @@ fn failover_down() {
     }
 }
 
+/// Failover under everything (leased connections dying, dial faults, a
+/// target storm, two crashes a cycle); the slowest scenario to
+/// simulate, so fewer and shorter runs here (`sim sweep` runs it in full).
+#[test]
+fn failover_chaos() {
+    let runs = ours_holds_on("failover-chaos", &SEEDS[..3], Duration::from_secs(120));
+    assert!(
+        runs.iter().any(|r| r.stats.resumed_once > 0),
+        "nothing failed over"
+    );
+}
+
 /// The failover checks are not vacuous: a backend that resumes its offsets
 /// at 0 instead of `from_bytes` makes clients see results that repeat or
 /// leave gaps.
@@ -198,6 +214,7 @@ fn every_scenario_is_tested() {
         "failover-crash",
         "failover-twice",
         "failover-down",
+        "failover-chaos",
     ];
     let all: Vec<&str> = scenario::all().iter().map(|s| s.name).collect();
     assert_eq!(all, tested, "a scenario was added without its test");
