@@ -11,6 +11,7 @@ use sttproxy::backends::Backends;
 use sttproxy::config::Settings;
 use sttproxy::metrics::Metrics;
 use sttproxy::reconcile::ReconcileConfig;
+use sttproxy::relay::FailoverSettings;
 use sttproxy::session::{SessionContext, SessionSettings};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -113,7 +114,13 @@ async fn drive<P: PoolUnderTest>(spec: &RunSpec) -> RunReport {
     // Failover as the proxy configures it by default (docs/failover.md); it
     // applies only to sessions on resumable backends.
     let settings = SessionSettings {
-        failover: Settings::default().session_settings().failover,
+        failover: Settings::default()
+            .session_settings()
+            .failover
+            .map(|f| FailoverSettings {
+                timeout: sc.failover_timeout.unwrap_or(f.timeout),
+                ..f
+            }),
         ..SessionSettings::default()
     };
     let resumable: Vec<bool> = (0..sc.backends)

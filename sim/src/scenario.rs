@@ -65,6 +65,8 @@ pub struct Scenario {
     pub storm_ms: Option<(u64, u64)>,
     pub crashes: Option<Crashes>,
     pub crash_cycle: Option<CrashCycle>,
+    /// Overrides the proxy's default `failover_timeout` (5 s).
+    pub failover_timeout: Option<Duration>,
     /// No load, no faults: pools warm up.
     pub warmup: Duration,
     /// Default length of the fault phase (`--duration` overrides).
@@ -108,6 +110,7 @@ fn base() -> Scenario {
         storm_ms: None,
         crashes: None,
         crash_cycle: None,
+        failover_timeout: None,
         warmup: secs(10),
         duration: secs(600),
         health_interval: secs(10),
@@ -331,8 +334,9 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "failover-down",
-            about: "failover: every 30 s both resumable backends crash, 0-1 s apart: no healthy backend, every session in flight gets 1014 within failover_timeout",
+            about: "failover: every 30 s both resumable backends crash, 0-1 s apart: no healthy backend, every session in flight gets 1014 within failover_timeout (2 s here, below acquire_timeout: the relay's own deadline ends the wait)",
             backends: 2,
+            failover_timeout: Some(secs(2)),
             crash_cycle: Some(CrashCycle {
                 crashes: 2,
                 gap_ms: (0, 1000),
