@@ -314,7 +314,14 @@ pub async fn lease(
             count(metrics, outcome);
         }
     }
-    lease_p2c(&group, deadline, acquire_timeout, rng).await
+    lease_p2c(
+        &group,
+        deadline,
+        acquire_timeout,
+        rng,
+        FailedDial::StillWait,
+    )
+    .await
 }
 
 fn count(metrics: &Metrics, outcome: StickyOutcome) {
@@ -402,15 +409,29 @@ pub async fn lease_takeover(
         })
         .cloned()
         .collect();
-    lease_p2c(&pools, deadline, acquire_timeout, rng).await
+    // A backend that just refused a dial is taken as down: with none left to
+    // wait for, the client gets 1014 at once rather than at the deadline.
+    lease_p2c(&pools, deadline, acquire_timeout, rng, FailedDial::GiveUp).await
 }
 
 /// Power-of-two-choices over the healthy pools of `group`.
+/// Whether a pool whose dial on demand just failed is still waited on for a
+/// release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailedDial {
+    /// Yes: a new session may wait for a session on it to end (its health
+    /// check decides whether it is down).
+    StillWait,
+    /// No: a takeover after a failure needs a live backend now.
+    GiveUp,
+}
+
 async fn lease_p2c(
     group: &[Arc<BackendPool>],
     deadline: Instant,
     acquire_timeout: Duration,
     rng: &mut impl Rng,
+    failed_dial: FailedDial,
 ) -> Result<Leased, NoConnection> {
     let pools = candidates(group, rng);
     if pools.is_empty() {
@@ -422,12 +443,26 @@ async fn lease_p2c(
         }
     }
     // Every pool is empty: dial on demand where a pool is below its max.
-    for b in &pools {
+    let mut failed = Vec::new();
+    for (i, b) in pools.iter().enumerate() {
         match dial(b, deadline).await {
             Dial::Leased(lease) => return Ok((b.clone(), lease, Acquired::Dialed)),
             Dial::TimedOut => return Err(NoConnection::Timeout(acquire_timeout)),
-            Dial::Full | Dial::Failed => {}
+            Dial::Failed => failed.push(i),
+            Dial::Full => {}
         }
+    }
+    let pools: Vec<Arc<BackendPool>> = match failed_dial {
+        FailedDial::StillWait => pools,
+        FailedDial::GiveUp => pools
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !failed.contains(i))
+            .map(|(_, b)| b)
+            .collect(),
+    };
+    if pools.is_empty() {
+        return Err(NoConnection::NoBackend);
     }
     // Wait for a release in any candidate pool.
     let waits = pools.iter().map(|b| b.pool.acquire_wait()).collect();

@@ -6,7 +6,7 @@
 //! notice, no close), its finals tile its audio from 0 to the end without a
 //! gap or an overlap (nothing repeated, nothing lost), its partials never go
 //! back, and nothing of another session. With no backend to move to, 1014
-//! within `failover_timeout`.
+//! at once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -283,11 +283,12 @@ async fn sessions_of_a_killed_backend_carry_on_elsewhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_every_backend_down_sessions_get_1014_within_the_deadline() {
+async fn with_every_backend_down_sessions_get_1014_at_once() {
     const SESSIONS: usize = 10;
+    let failover_timeout = Duration::from_secs(3);
     let h = Harness::start(2, stt_backend(), |s| {
         resumable(6, 20)(s);
-        s.failover_timeout = Duration::from_secs(1);
+        s.failover_timeout = failover_timeout;
     })
     .await;
     let tasks = start_streaming(&h, SESSIONS, 600).await;
@@ -303,8 +304,12 @@ async fn with_every_backend_down_sessions_get_1014_within_the_deadline() {
         assert!(!s.ended);
     }
     let took = down.elapsed();
-    // failover_timeout (1 s) plus the dials and the close.
-    assert!(took < Duration::from_secs(4), "1014 after {took:?}");
+    // Not at the deadline: the other backend refuses the takeover's dial, so
+    // there is nothing to wait for.
+    assert!(
+        took < failover_timeout,
+        "1014 after {took:?}, failover_timeout {failover_timeout:?}"
+    );
     println!("every backend down: {SESSIONS} sessions closed 1014 within {took:?}");
     let m = settled_metrics(&h).await;
     assert_eq!(
