@@ -159,7 +159,7 @@ impl Metrics {
         );
         registry.register(
             "refused",
-            "Client requests refused before the upgrade, by reason (JWT refusals as jwt_*: \
+            "Client requests refused before the upgrade, by outcome (JWT refusals as jwt_*: \
              malformed, bad_algorithm, unknown_key, bad_signature, expired, not_yet_valid, \
              wrong_audience, wrong_issuer, missing_claim)",
             m.refused.clone(),

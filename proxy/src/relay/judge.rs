@@ -9,7 +9,9 @@
 use std::borrow::Cow;
 
 use std::marker::PhantomData;
+use std::sync::LazyLock;
 
+use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
@@ -202,6 +204,16 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     memchr::memmem::find(haystack, needle).is_some()
 }
 
+// Needles searched for in every backend text, their searchers built once:
+// `memmem::find` builds one per call, which costs more than searching a
+// 1 KiB message.
+
+/// `"session`: how a backend text naming a session or a `session.*` type
+/// spells the key or the value.
+static SESSION_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""session"#));
+/// `_bytes"`: the tail of the `ack_bytes` and `end_bytes` keys.
+static OFFSET_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"_bytes\""));
+
 /// Where a ping's pong goes: straight into the reverse output when that is
 /// between frames, else into the owed-pong slot (sent at the next frame
 /// boundary; a newer ping replaces an older unanswered one, RFC 6455 §5.5.3).
@@ -345,8 +357,8 @@ impl Judge for FromBackend<'_> {
         } else {
             Verdict::Drop
         };
-        let offsets_possible = self.state.resume.is_some() && contains(payload, b"_bytes\"");
-        if !offsets_possible && !contains(payload, br#""session"#) {
+        let offsets_possible = self.state.resume.is_some() && OFFSET_KEY.find(payload).is_some();
+        if !offsets_possible && SESSION_KEY.find(payload).is_none() {
             return (forward, Flow::Continue);
         }
         let st = &mut *self.state;
@@ -521,6 +533,8 @@ mod tests {
         for forged in [
             r#"{"type":"session.ended","session":"s1"}"#,
             r#"{"session":"s1","type":"session.ended","fence":"guess"}"#,
+            // What the proxy tells a client of a takeover, sent back by one.
+            r#"{"type":"session.failover","session":"s1","failovers":1}"#,
             r#"{"type":"session\u002eended","session":"s1"}"#,
             r#"{"\u0074ype":"session.start","session":"s2"}"#,
             // Not JSON to a strict parser, a control message to a lenient one.

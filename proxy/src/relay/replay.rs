@@ -120,10 +120,13 @@ impl Replay {
     }
 
     /// A result with these offsets went to the client: the audio before its
-    /// `ack_bytes` is forgotten.
+    /// `ack_bytes` is forgotten. Offsets past the audio the client has sent
+    /// are the backend's error (or a lie): they count as the audio sent, so
+    /// they can neither free audio not yet sent nor make every later result
+    /// look stale after a takeover.
     pub fn delivered(&mut self, o: Offsets) {
         if let Some(end) = o.end {
-            self.delivered_end = self.delivered_end.max(end);
+            self.delivered_end = self.delivered_end.max(end.min(self.audio));
         }
         if let Some(ack) = o.ack {
             let ack = ack.min(self.audio);
@@ -284,6 +287,32 @@ mod tests {
         });
         assert_eq!(r.held(), 0);
         assert!(r.replay().is_empty());
+    }
+
+    #[test]
+    fn offsets_past_the_audio_sent_count_as_the_audio_sent() {
+        let mut r = Replay::new(limits(1 << 20));
+        r.record(OP_BINARY, &[1; 100]);
+        // A backend claiming results for audio it was never sent.
+        r.delivered(Offsets {
+            ack: Some(10_000),
+            end: Some(u64::MAX),
+        });
+        assert_eq!((r.acked, r.delivered_end), (100, 100));
+        assert!(r.replay().is_empty());
+        // Audio sent after the lie is still kept for a takeover, and a new
+        // backend's results for it are not stale.
+        r.record(OP_BINARY, &[2; 100]);
+        assert_eq!(r.resume_from(), 100);
+        assert_eq!(r.replay(), vec![(OP_BINARY, vec![2; 100])]);
+        assert!(!r.stale(Offsets {
+            ack: None,
+            end: Some(150),
+        }));
+        assert!(r.stale(Offsets {
+            ack: Some(100),
+            end: Some(100),
+        }));
     }
 
     #[test]
