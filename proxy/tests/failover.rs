@@ -11,6 +11,9 @@
 
 mod support;
 
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,6 +23,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use sttproxy::backend::Reuse;
 use sttproxy::config::Settings;
+use support::clients::node_ws_or_skip;
 use support::{Harness, Ws, connect, eventually, expect_started, session_end, within};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -396,6 +400,116 @@ async fn sessions_of_a_silent_backend_are_pinged_and_move() {
         percentile(&moved, 0.5),
         moved.last().copied().unwrap_or_default(),
         frozen.elapsed(),
+    );
+    h.stop().await;
+}
+
+/// The failover as a client nobody here wrote sees it: Node's `ws` streams
+/// resumable sessions while the backend holding the most of them is killed.
+/// Each moved session gets one `session.failover` text and carries on; every
+/// session's finals tile its audio, nothing of another session arrives, and
+/// every session ends with `session.ended` and a clean close 1000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ws_sessions_carry_on_through_a_failover() {
+    const SESSIONS: usize = 8;
+    const CHUNKS: u64 = 40;
+    let Some(modules) = node_ws_or_skip().await else {
+        return;
+    };
+    let h = Harness::start(2, stt_backend(), resumable(12, 40)).await;
+    h.wait_warm().await;
+    let mut child = std::process::Command::new("node")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/failover_session.cjs"))
+        .arg(h.ws_url())
+        .arg(SESSIONS.to_string())
+        .arg(CHUNKS.to_string())
+        .env("NODE_PATH", &modules)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting node");
+    let stdout = child.stdout.take().expect("node's stdout");
+    // The client's lines as they come (the kill waits for its signal), then
+    // how it exited.
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let client = tokio::task::spawn_blocking(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+        child.wait_with_output()
+    });
+    within(
+        Duration::from_secs(30),
+        "every Node session streaming",
+        async {
+            let mut streaming = 0;
+            while streaming < SESSIONS {
+                let line = lines
+                    .recv()
+                    .await
+                    .expect("node ended before its sessions streamed");
+                if line.starts_with(r#"{"streaming""#) {
+                    streaming += 1;
+                }
+            }
+        },
+    )
+    .await;
+    let started: Vec<u64> = h
+        .backends
+        .iter()
+        .map(|b| b.stats().sessions_started)
+        .collect();
+    let victim = usize::from(started[1] > started[0]);
+    h.backends[victim].kill_all();
+    let out = within(Duration::from_secs(90), "the Node client", client)
+        .await
+        .unwrap()
+        .expect("node's exit");
+    assert!(
+        out.status.success(),
+        "node failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen = Vec::new();
+    while let Ok(line) = lines.try_recv() {
+        if line.starts_with(r#"{"session""#) {
+            seen.push(serde_json::from_str::<Value>(&line).expect("a JSON line"));
+        }
+    }
+    assert_eq!(seen.len(), SESSIONS, "one line per session: {seen:?}");
+    let mut moved = 0;
+    for s in &seen {
+        assert_eq!(
+            (&s["code"], &s["wasClean"], &s["ended"], &s["error"]),
+            (
+                &Value::from(1000),
+                &Value::from(true),
+                &Value::from(true),
+                &Value::Null
+            ),
+            "{s}"
+        );
+        assert_eq!(s["foreign"], 0, "a message of another session: {s}");
+        assert_eq!(s["tiled"], true, "finals with a gap or a repeat: {s}");
+        assert_eq!(s["finals_end_ms"], CHUNKS * CHUNK_MS, "{s}");
+        let failovers = s["failovers"].as_u64().expect("failovers");
+        assert!(failovers <= 1, "{s}");
+        moved += failovers;
+    }
+    assert!(started[victim] > 0);
+    assert_eq!(
+        moved, started[victim],
+        "every session of the killed backend moved, and no other"
+    );
+    assert_eq!(h.backends[1 - victim].stats().sessions_resumed, moved);
+    println!(
+        "node ws: {moved} of {SESSIONS} sessions moved off the killed backend, each with one \
+         session.failover; every session ended clean with 1000"
     );
     h.stop().await;
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use support::clients::{Chromium, chromium_binary, node_ws, python_venv, skip_or_fail};
+use support::clients::{Chromium, chromium_binary, node_ws_or_skip, python_venv, skip_or_fail};
 use support::echo;
 use support::{Harness, STEP, bounded, within};
 
@@ -137,19 +137,8 @@ async fn run_script(what: &str, mut cmd: Command) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_ws_close_handshake_is_clean_both_ways() {
-    let setup = within(
-        Duration::from_secs(300),
-        "installing Node's ws",
-        tokio::task::spawn_blocking(node_ws),
-    )
-    .await
-    .unwrap();
-    let modules = match setup {
-        Ok(m) => m,
-        Err(reason) => {
-            skip_or_fail(&format!("Node's ws: {reason}"));
-            return;
-        }
+    let Some(modules) = node_ws_or_skip().await else {
+        return;
     };
     bounded(CLIENT_LIMIT + Duration::from_secs(30), async {
         let h = Harness::start(1, echo(), |_| {}).await;

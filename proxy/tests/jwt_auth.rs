@@ -813,19 +813,8 @@ async fn tungstenite_accepts_the_subprotocol_answer() {
 /// `REQUIRE_CLIENTS=1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_ws_sends_the_token_as_a_subprotocol() {
-    let setup = within(
-        Duration::from_secs(300),
-        "installing Node's ws",
-        tokio::task::spawn_blocking(support::clients::node_ws),
-    )
-    .await
-    .unwrap();
-    let modules = match setup {
-        Ok(m) => m,
-        Err(reason) => {
-            support::clients::skip_or_fail(&format!("Node's ws: {reason}"));
-            return;
-        }
+    let Some(modules) = support::clients::node_ws_or_skip().await else {
+        return;
     };
     bounded(TEST_LIMIT, async {
         let (h, _dir) = start_with_jwt().await;

@@ -245,10 +245,7 @@ where
     };
     let timer = tokio::time::sleep(r.tick);
     tokio::pin!(timer);
-    // Outside tokio's cooperative budget: `Relay::poll` bounds its own work
-    // per wake-up (and yields past it), so the budget's bookkeeping on every
-    // read, write and timer poll would only add cost to the hot path.
-    tokio::task::unconstrained(poll_fn(|cx| r.poll(cx, timer.as_mut()))).await;
+    poll_fn(|cx| r.poll(cx, timer.as_mut())).await;
     r.flush_counts();
     let st = &r.state;
     RelayEnd {

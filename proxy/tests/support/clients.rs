@@ -97,6 +97,26 @@ pub fn skip_or_fail(reason: &str) {
 /// The version of Node's `ws` the tests install.
 pub const NODE_WS_VERSION: &str = "8.18.3";
 
+/// [`node_ws`] off the runtime and bounded: the modules' directory, or `None`
+/// where Node's `ws` cannot be had (the test is skipped with the reason
+/// printed, or fails under `REQUIRE_CLIENTS=1`).
+pub async fn node_ws_or_skip() -> Option<std::path::PathBuf> {
+    let setup = super::within(
+        std::time::Duration::from_secs(300),
+        "installing Node's ws",
+        tokio::task::spawn_blocking(node_ws),
+    )
+    .await
+    .expect("the install task");
+    match setup {
+        Ok(modules) => Some(modules),
+        Err(reason) => {
+            skip_or_fail(&format!("Node's ws: {reason}"));
+            None
+        }
+    }
+}
+
 /// `target/node-clients/node_modules` with the pinned `ws`, installed with npm
 /// if absent or another version; `Err` with the reason if node or npm is
 /// missing or the install fails.
