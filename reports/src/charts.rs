@@ -89,6 +89,31 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing: {e:?}")
 }
 
+/// The legend every chart here draws: the series' labels in a white box
+/// with a black border, 14 px text, at `position`.
+pub fn draw_legend<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()>
+where
+    DB: DrawingBackend + 'a,
+    CT: CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(position)
+        .draw()
+        .map_err(err)
+}
+
+/// A legend entry for a line of `color`: a short stroke `width` px wide.
+pub fn line_key(color: RGBColor, width: u32) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(width))
+}
+
 /// Lines over time, one per system.
 #[derive(Debug)]
 pub struct LineChart {
@@ -143,19 +168,12 @@ impl Chart for LineChart {
                 ))
             };
             let dashed = s.dashed;
-            drawn.map_err(err)?.label(&s.name).legend(move |(x, y)| {
-                let width = if dashed { 1 } else { 3 };
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(width))
-            });
+            drawn
+                .map_err(err)?
+                .label(&s.name)
+                .legend(line_key(color, if dashed { 1 } else { 3 }));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(err)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         Ok(())
     }
 }
@@ -272,14 +290,7 @@ impl Chart for BarChart {
                     });
                     chart.draw_series(whiskers).map_err(err)?;
                 }
-                chart
-                    .configure_series_labels()
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
-                    .label_font(("sans-serif", 14))
-                    .position(SeriesLabelPosition::UpperLeft)
-                    .draw()
-                    .map_err(err)?;
+                draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
             }};
         }
         let x_range = -0.6..(n_cat as f64 - 0.4);
@@ -361,18 +372,9 @@ impl Chart for PercentileChart {
                 ))
                 .map_err(err)?
                 .label(&s.name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
-                });
+                .legend(line_key(color, 3));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(err)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::load::Sample;
-use crate::charts::{Chart, color_of};
+use crate::charts::{Chart, color_of, draw_legend, line_key};
 
 /// A span of the run to shade and name.
 #[derive(Debug, Clone)]
@@ -113,18 +113,9 @@ impl RollingChart {
                 ))
                 .map_err(err)?
                 .label(*name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
-                });
+                .legend(line_key(color, 3));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(err)?;
+        draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         Ok(())
     }
 }
