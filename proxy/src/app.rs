@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::route::KeySource;
 use crate::server::{self, ServerContext};
 use crate::session::SessionContext;
+use crate::session_threads::SessionThreads;
 use crate::tls::{self, CertFiles, TlsError, TlsListener};
 use crate::upgrade::Inherited;
 
@@ -57,6 +58,8 @@ pub enum StartError {
         "no healthy backend within {0:?} of taking the listeners over; the running proxy keeps serving"
     )]
     NotReady(Duration),
+    #[error("starting the session threads: {0}")]
+    SessionThreads(std::io::Error),
     #[error("backend {id}: {source}")]
     Backend {
         id: String,
@@ -76,7 +79,8 @@ impl From<DbError> for StartError {
     }
 }
 
-/// A running proxy. Dropping it does not stop it: call [`Proxy::shutdown`].
+/// A running proxy. Dropping it stops its session threads (and the sessions
+/// on them) but not the rest: call [`Proxy::shutdown`].
 #[derive(Debug)]
 pub struct Proxy {
     listen_addr: SocketAddr,
@@ -113,6 +117,8 @@ pub struct Proxy {
     config: Option<Arc<SyncStatus>>,
     sync_stop: CancellationToken,
     sync_task: Option<JoinHandle<()>>,
+    /// Where the sessions run (session_threads.rs); stopped last.
+    session_threads: Option<SessionThreads>,
 }
 
 impl Proxy {
@@ -182,6 +188,8 @@ impl Proxy {
         let listen_addr = bound(&listener, "client", settings.listen)?;
         let admin_addr = bound(&admin_listener, "admin", settings.admin)?;
 
+        let session_threads = SessionThreads::start(settings.session_thread_count())
+            .map_err(StartError::SessionThreads)?;
         let sessions = TaskTracker::new();
         let background = TaskTracker::new();
         let background_stop = CancellationToken::new();
@@ -289,8 +297,10 @@ impl Proxy {
                 settings.handshake_limits(),
                 draining.clone(),
             )
-            .with_routing(routing),
+            .with_routing(routing)
+            .with_session_threads(session_threads.placer()),
         );
+        metrics.count_tasks_of(session_threads.placer());
         let tls = match (client_cert, settings.client_tls_files()) {
             (Some((current, loaded)), Some((cert, key))) => {
                 let files = CertFiles::new(cert, key, current.clone(), loaded, metrics.clone());
@@ -351,6 +361,7 @@ impl Proxy {
             config,
             sync_stop,
             sync_task,
+            session_threads: Some(session_threads),
         })
     }
 
@@ -469,6 +480,10 @@ impl Proxy {
         self.background_stop.cancel();
         self.background.close();
         self.background.wait().await;
+        // Every session has ended: the threads are idle and stop at once.
+        if let Some(threads) = self.session_threads.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(threads)).await;
+        }
     }
 }
 

@@ -21,6 +21,7 @@ pub mod relay;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod session_threads;
 pub mod tls;
 pub mod upgrade;
 

@@ -193,6 +193,9 @@ struct ServeArgs {
     /// Open client connections at most [default: 10000].
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Threads that run sessions, each with its own event loop [default: one per core].
+    #[arg(long)]
+    session_threads: Option<usize>,
     /// Largest message either way, bytes [default: 1048576].
     #[arg(long)]
     max_message_size: Option<usize>,
@@ -257,6 +260,9 @@ fn settings(args: &ServeArgs) -> anyhow::Result<Settings> {
         tls_handshake_timeout,
         max_concurrent_tls_handshakes
     );
+    if args.session_threads.is_some() {
+        s.session_threads = args.session_threads;
+    }
     s.db = Some(Settings::db_url(
         args.db.as_deref(),
         args.config.as_deref(),
@@ -456,7 +462,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread for everything but the sessions, which run on the session
+    // threads (docs/relay.md, "Session threads"): accepting, the admin
+    // listener, pools, dials, health checks and the database are light.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;

@@ -7,7 +7,7 @@
 //! Note: prometheus-client appends `_total` to counter names itself.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 
 use crate::backends::Backends;
 use crate::config::sync::SyncStatus;
+use crate::session_threads::Placer;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -74,6 +75,8 @@ pub struct Metrics {
     /// From a backend's failure to the takeover's lease (docs/failover.md).
     pub failover_pause_seconds: Histogram,
     registry: Registry,
+    /// The session threads, for `runtime_tasks`.
+    session_threads: Arc<OnceLock<Arc<Placer>>>,
 }
 
 pub const TO_BACKEND: DirectionLabel = DirectionLabel {
@@ -98,6 +101,7 @@ impl Metrics {
     fn build(backends: Backends, config: Option<Arc<SyncStatus>>) -> Arc<Self> {
         let mut registry = Registry::with_prefix("sttproxy");
         let m = Metrics {
+            session_threads: Arc::new(OnceLock::new()),
             sessions: Family::default(),
             sessions_active: Gauge::default(),
             messages: Family::default(),
@@ -236,11 +240,19 @@ impl Metrics {
             m.failover_pause_seconds.clone(),
         );
         registry.register_collector(Box::new(PoolCollector { backends }));
-        registry.register_collector(Box::new(RuntimeCollector));
+        registry.register_collector(Box::new(RuntimeCollector {
+            session_threads: m.session_threads.clone(),
+        }));
         if let Some(status) = config {
             registry.register_collector(Box::new(ConfigCollector { status }));
         }
         Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Count the tasks of these session threads too in `runtime_tasks`
+    /// (once; later calls are ignored).
+    pub fn count_tasks_of(&self, placer: Arc<Placer>) {
+        let _ = self.session_threads.set(placer);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -251,11 +263,14 @@ impl Metrics {
     }
 }
 
-/// The tokio runtime's live task count, read at scrape time: a task leak
-/// (a session or a dial that never ends) shows as a rising line where the
-/// sessions gauge stays flat.
+/// The live task count of the proxy's runtimes (the one serving the scrape
+/// and the session threads'), read at scrape time: a task leak (a session or
+/// a dial that never ends) shows as a rising line where the sessions gauge
+/// stays flat.
 #[derive(Debug)]
-struct RuntimeCollector;
+struct RuntimeCollector {
+    session_threads: Arc<OnceLock<Arc<Placer>>>,
+}
 
 impl Collector for RuntimeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
@@ -264,10 +279,16 @@ impl Collector for RuntimeCollector {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return Ok(());
         };
-        let tasks = handle.metrics().num_alive_tasks();
+        let sessions: usize = self.session_threads.get().map_or(0, |p| {
+            p.handles()
+                .iter()
+                .map(|h| h.metrics().num_alive_tasks())
+                .sum()
+        });
+        let tasks = handle.metrics().num_alive_tasks() + sessions;
         let metric = encoder.encode_descriptor(
             "runtime_tasks",
-            "Tasks alive on the proxy's tokio runtime",
+            "Tasks alive on the proxy's tokio runtimes",
             None,
             MetricType::Gauge,
         )?;

@@ -40,6 +40,7 @@ use crate::metrics::OutcomeLabel;
 use crate::relay::{FrameStream, Peer};
 use crate::route::{Routing, Target};
 use crate::session::{self, SessionContext};
+use crate::session_threads::Placer;
 use crate::tls::TlsListener;
 
 /// What the client listener needs.
@@ -57,6 +58,9 @@ pub struct ServerContext {
     pub routing: Routing,
     /// Set at shutdown: new upgrades get 503.
     pub draining: Arc<AtomicBool>,
+    /// Where connections run: the next session thread in turn; `None`: on the
+    /// accept loop's runtime.
+    pub session_threads: Option<Arc<Placer>>,
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -85,6 +89,7 @@ impl ServerContext {
             limits,
             routing: Routing::default(),
             draining,
+            session_threads: None,
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
         }
@@ -94,6 +99,12 @@ impl ServerContext {
     /// `default`, none sticky).
     pub fn with_routing(mut self, routing: Routing) -> Self {
         self.routing = routing;
+        self
+    }
+
+    /// Run each connection on the next of `threads` in turn.
+    pub fn with_session_threads(mut self, threads: Arc<Placer>) -> Self {
+        self.session_threads = Some(threads);
         self
     }
 
@@ -181,15 +192,44 @@ pub async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        match &tls {
-            None => tracker.spawn(handle_connection(stream, peer, ctx.clone())),
-            Some(tls) => tracker.spawn(handle_tls_connection(
-                stream,
-                peer,
-                ctx.clone(),
-                tls.clone(),
-            )),
+        let Some(threads) = ctx.session_threads.clone() else {
+            match &tls {
+                None => tracker.spawn(handle_connection(stream, peer, ctx.clone())),
+                Some(tls) => tracker.spawn(handle_tls_connection(
+                    stream,
+                    peer,
+                    ctx.clone(),
+                    tls.clone(),
+                )),
+            };
+            continue;
         };
+        // To a session thread: the socket leaves this runtime's reactor and
+        // joins that thread's (session_threads.rs).
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, %peer, "cannot hand a connection to a session thread");
+                continue;
+            }
+        };
+        let (ctx, tls) = (ctx.clone(), tls.clone());
+        tracker.spawn_on(
+            async move {
+                let stream = match TcpStream::from_std(stream) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, %peer, "cannot register a connection on its session thread");
+                        return;
+                    }
+                };
+                match tls {
+                    None => handle_connection(stream, peer, ctx).await,
+                    Some(tls) => handle_tls_connection(stream, peer, ctx, tls).await,
+                }
+            },
+            threads.next(),
+        );
     }
 }
 

@@ -161,7 +161,8 @@ impl Takeover<Lease<BackendConn>> for RouteTakeover {
             let exclude = lock(&used);
             let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_os_rng();
             match route::lease_takeover(&backends, &group, &exclude, timeout, &mut rng).await {
-                Ok((backend, lease, _)) => {
+                Ok((backend, mut lease, _)) => {
+                    lease.settle_here();
                     match used.lock() {
                         Ok(mut g) => g.push(backend.id.clone()),
                         Err(p) => p.into_inner().push(backend.id.clone()),
@@ -233,7 +234,7 @@ where
     .await;
     m.acquire_wait_seconds
         .observe(wait_started.elapsed().as_secs_f64());
-    let (backend, lease, how) = match leased {
+    let (backend, mut lease, how) = match leased {
         Ok(l) => l,
         Err(e) => {
             let outcome = match e {
@@ -252,6 +253,7 @@ where
         })
         .inc();
     tracing::debug!(session = %id, backend = %backend.id, acquired = how.as_str(), "leased a backend connection");
+    lease.settle_here();
     // Boxed, only for sessions that may fail over, and built in the call:
     // whatever a session keeps across its awaits sizes every session's future.
     run_leased(

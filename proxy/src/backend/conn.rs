@@ -1,6 +1,7 @@
 //! A pooled WebSocket connection to a backend, and the dialer that opens them.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -141,6 +142,26 @@ impl AsyncWrite for BackendIo {
     }
 }
 
+impl BackendIo {
+    /// Register the socket with the reactor of the runtime the caller runs
+    /// on, in place, and leave the one it was registered with: the socket's
+    /// descriptor is duplicated, the copy registered here, and the old
+    /// `TcpStream` dropped (which deregisters it over there and closes its
+    /// descriptor). The socket itself, its buffers and any TLS state are
+    /// untouched. Needs a runtime.
+    fn register_here(&mut self) -> io::Result<()> {
+        let tcp = match self {
+            BackendIo::Plain(s) => s,
+            BackendIo::Tls(s) => s.get_mut().0,
+        };
+        let copy = tcp.as_fd().try_clone_to_owned()?;
+        // The copy shares the open file description, so it is non-blocking
+        // like the original, as `from_std` requires.
+        *tcp = TcpStream::from_std(std::net::TcpStream::from(copy))?;
+        Ok(())
+    }
+}
+
 impl StreamLiveness for BackendIo {
     /// Cheap and non-blocking: a peek at the socket. An idle connection that
     /// reached end-of-stream (the backend closed or crashed) is dead; one with
@@ -170,6 +191,9 @@ pub struct BackendConn<S = BackendIo> {
     pub stream: FrameStream<S>,
     /// Set by a session or health check that saw the connection fail.
     broken: bool,
+    /// The session thread whose reactor the socket is registered with; `None`:
+    /// the proxy's main runtime (the pool's reconciler dialed it).
+    home: Option<usize>,
 }
 
 impl<S> BackendConn<S> {
@@ -179,12 +203,37 @@ impl<S> BackendConn<S> {
         Self {
             stream: FrameStream::new(io, unread, Peer::Backend),
             broken: false,
+            // Dialed by a session (on demand) on its thread: at home there.
+            home: crate::session_threads::current(),
         }
     }
 
     /// Mark the connection unusable (an I/O error or protocol fault was seen).
     pub fn mark_broken(&mut self) {
         self.broken = true;
+    }
+}
+
+impl BackendConn<BackendIo> {
+    /// Called by a session that leased the connection: move the socket's
+    /// registration to the session thread the caller runs on, unless it is
+    /// registered there already (the thread's last session used it). Then
+    /// readiness on it wakes the session from its own thread's event loop,
+    /// not through another thread's. If the move fails (out of file
+    /// descriptors), the session uses the connection where it is registered:
+    /// slower, still correct.
+    pub fn settle_here(&mut self) {
+        let here = crate::session_threads::current();
+        if here.is_none() || here == self.home {
+            return;
+        }
+        match self.stream.get_mut().register_here() {
+            Ok(()) => self.home = here,
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot move a backend connection to the session's thread; using it from where it is"
+            ),
+        }
     }
 }
 
@@ -392,5 +441,54 @@ mod tests {
         assert_eq!(a.host, "::1");
         assert!(BackendAddr::parse("http://x:1").is_err());
         assert!(BackendAddr::parse("not a url").is_err());
+    }
+
+    /// A connection dialed on one runtime and leased by a session on a
+    /// session thread works from there once settled, even after the
+    /// dialer's runtime is gone (the connection no longer depends on it).
+    #[test]
+    fn a_settled_connection_works_on_its_session_thread_without_the_dialers_runtime() {
+        use std::io::{Read, Write};
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dialer = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let conn = dialer.block_on(async {
+            BackendConn::new(
+                BackendIo::Plain(TcpStream::connect(addr).await.unwrap()),
+                Vec::new(),
+            )
+        });
+        let (mut backend, _) = listener.accept().unwrap();
+        backend
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        drop(dialer);
+
+        let threads = crate::session_threads::SessionThreads::start(1).unwrap();
+        let waiter = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let session = threads.placer().next().spawn(async move {
+            let mut conn = conn;
+            conn.settle_here();
+            conn.stream.send_text("hello").await?;
+            let frame = conn.stream.recv(1024).await.map_err(io::Error::other)?;
+            io::Result::Ok(frame.payload)
+        });
+        // The session's masked "hello" (2 + 4 + 5 bytes), then the answer.
+        let mut sent = [0u8; 11];
+        backend.read_exact(&mut sent).unwrap();
+        assert_eq!(sent[0], 0x81);
+        backend.write_all(&[0x81, 2, b'o', b'k']).unwrap();
+        let got = waiter
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), session).await })
+            .expect("the session thread answered in time")
+            .unwrap();
+        assert_eq!(got.unwrap(), b"ok");
     }
 }

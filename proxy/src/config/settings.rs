@@ -53,6 +53,10 @@ pub struct Settings {
     pub max_connections: usize,
     /// Open client connections per IP address at most, 0 = no limit (beyond: HTTP 429).
     pub max_connections_per_ip: usize,
+    /// Threads that run sessions, each with its own event loop
+    /// (docs/relay.md, "Session threads"); unset: one per core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_threads: Option<usize>,
     /// API keys accepted in `Authorization: Bearer <key>` or `x-api-key`.
     pub api_keys: Vec<String>,
     /// What a client must present: `none`, `api_key`, `jwt` or `either`.
@@ -282,6 +286,9 @@ pub struct BackendEntry {
     pub group: Option<String>,
 }
 
+/// The most session threads a proxy may be told to run.
+const MAX_SESSION_THREADS: usize = 1024;
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -290,6 +297,7 @@ impl Default for Settings {
             stream_path: "/v1/stream".into(),
             max_connections: 10_000,
             max_connections_per_ip: 0,
+            session_threads: None,
             api_keys: Vec::new(),
             auth: None,
             jwt: None,
@@ -445,6 +453,13 @@ impl Settings {
         ]
     }
 
+    /// How many session threads to run: `session_threads`, or one per core.
+    pub fn session_thread_count(&self) -> usize {
+        self.session_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+
     /// Check what cannot work before anything starts; every error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let day = Duration::from_secs(86_400);
@@ -461,6 +476,14 @@ impl Settings {
             return Err(ConfigError::Invalid(
                 "max_message_size must be at most 64 MiB".into(),
             ));
+        }
+        if self
+            .session_threads
+            .is_some_and(|n| !(1..=MAX_SESSION_THREADS).contains(&n))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "session_threads must be between 1 and {MAX_SESSION_THREADS}"
+            )));
         }
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid(
@@ -852,6 +875,20 @@ mod tests {
             let err = s.validate().unwrap_err().to_string();
             assert!(err.contains(key), "{key} = {value}: {err}");
         }
+    }
+
+    #[test]
+    fn session_threads_out_of_range_are_rejected_and_unset_means_one_per_core() {
+        for value in [0, 1025] {
+            let s: Settings = toml::from_str(&format!("session_threads = {value}")).unwrap();
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains("session_threads"), "{value}: {err}");
+        }
+        let s: Settings = toml::from_str("session_threads = 3").unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.session_thread_count(), 3);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(Settings::default().session_thread_count(), cores);
     }
 
     #[test]
