@@ -79,8 +79,9 @@ impl From<DbError> for StartError {
     }
 }
 
-/// A running proxy. Dropping it stops its session threads (and the sessions
-/// on them) but not the rest: call [`Proxy::shutdown`].
+/// A running proxy. Dropping it does not stop it (except its session
+/// threads, with the sessions on them, when `session_threads` is set): call
+/// [`Proxy::shutdown`].
 #[derive(Debug)]
 pub struct Proxy {
     listen_addr: SocketAddr,
@@ -117,7 +118,8 @@ pub struct Proxy {
     config: Option<Arc<SyncStatus>>,
     sync_stop: CancellationToken,
     sync_task: Option<JoinHandle<()>>,
-    /// Where the sessions run (session_threads.rs); stopped last.
+    /// Where the sessions run with `session_threads` set
+    /// (session_threads.rs); stopped last.
     session_threads: Option<SessionThreads>,
 }
 
@@ -188,7 +190,10 @@ impl Proxy {
         let listen_addr = bound(&listener, "client", settings.listen)?;
         let admin_addr = bound(&admin_listener, "admin", settings.admin)?;
 
-        let session_threads = SessionThreads::start(settings.session_thread_count())
+        let session_threads = settings
+            .session_threads
+            .map(SessionThreads::start)
+            .transpose()
             .map_err(StartError::SessionThreads)?;
         let sessions = TaskTracker::new();
         let background = TaskTracker::new();
@@ -280,27 +285,28 @@ impl Proxy {
         let draining = Arc::new(AtomicBool::new(false));
         let not_ready = Arc::new(AtomicBool::new(false));
         let sessions_stop = CancellationToken::new();
-        let server = Arc::new(
-            ServerContext::new(
-                SessionContext {
-                    backends: backends.clone(),
-                    metrics: metrics.clone(),
-                    settings: Arc::new(settings.session_settings()),
-                    shutdown: sessions_stop.clone(),
-                },
-                settings.stream_path.clone(),
-                settings.handshake_timeout,
-                settings.max_connections,
-                settings.max_connections_per_ip,
-                auth,
-                OriginPolicy::new(&settings.allowed_origins, settings.allow_missing_origin),
-                settings.handshake_limits(),
-                draining.clone(),
-            )
-            .with_routing(routing)
-            .with_session_threads(session_threads.placer()),
-        );
-        metrics.count_tasks_of(session_threads.placer());
+        let mut server = ServerContext::new(
+            SessionContext {
+                backends: backends.clone(),
+                metrics: metrics.clone(),
+                settings: Arc::new(settings.session_settings()),
+                shutdown: sessions_stop.clone(),
+            },
+            settings.stream_path.clone(),
+            settings.handshake_timeout,
+            settings.max_connections,
+            settings.max_connections_per_ip,
+            auth,
+            OriginPolicy::new(&settings.allowed_origins, settings.allow_missing_origin),
+            settings.handshake_limits(),
+            draining.clone(),
+        )
+        .with_routing(routing);
+        if let Some(threads) = &session_threads {
+            server = server.with_session_threads(threads.placer());
+            metrics.count_tasks_of(threads.placer());
+        }
+        let server = Arc::new(server);
         let tls = match (client_cert, settings.client_tls_files()) {
             (Some((current, loaded)), Some((cert, key))) => {
                 let files = CertFiles::new(cert, key, current.clone(), loaded, metrics.clone());
@@ -361,7 +367,7 @@ impl Proxy {
             config,
             sync_stop,
             sync_task,
-            session_threads: Some(session_threads),
+            session_threads,
         })
     }
 

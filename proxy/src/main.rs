@@ -193,7 +193,8 @@ struct ServeArgs {
     /// Open client connections at most [default: 10000].
     #[arg(long)]
     max_connections: Option<usize>,
-    /// Threads that run sessions, each with its own event loop [default: one per core].
+    /// Run sessions on N threads, each with its own event loop, instead of the
+    /// shared runtime [default: off].
     #[arg(long)]
     session_threads: Option<usize>,
     /// Largest message either way, bytes [default: 1048576].
@@ -462,10 +463,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    // One thread for everything but the sessions, which run on the session
-    // threads (docs/relay.md, "Session threads"): accepting, the admin
-    // listener, pools, dials, health checks and the database are light.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;

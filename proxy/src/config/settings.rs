@@ -54,7 +54,8 @@ pub struct Settings {
     /// Open client connections per IP address at most, 0 = no limit (beyond: HTTP 429).
     pub max_connections_per_ip: usize,
     /// Threads that run sessions, each with its own event loop
-    /// (docs/relay.md, "Session threads"); unset: one per core.
+    /// (docs/relay.md, "Session threads"); unset: sessions run on the
+    /// proxy's multi-thread runtime.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_threads: Option<usize>,
     /// API keys accepted in `Authorization: Bearer <key>` or `x-api-key`.
@@ -451,13 +452,6 @@ impl Settings {
                 ms(100),
             ),
         ]
-    }
-
-    /// How many session threads to run: `session_threads`, or one per core.
-    pub fn session_thread_count(&self) -> usize {
-        self.session_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        })
     }
 
     /// Check what cannot work before anything starts; every error names the key.
@@ -878,7 +872,7 @@ mod tests {
     }
 
     #[test]
-    fn session_threads_out_of_range_are_rejected_and_unset_means_one_per_core() {
+    fn session_threads_out_of_range_are_rejected() {
         for value in [0, 1025] {
             let s: Settings = toml::from_str(&format!("session_threads = {value}")).unwrap();
             let err = s.validate().unwrap_err().to_string();
@@ -886,9 +880,7 @@ mod tests {
         }
         let s: Settings = toml::from_str("session_threads = 3").unwrap();
         s.validate().unwrap();
-        assert_eq!(s.session_thread_count(), 3);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(Settings::default().session_thread_count(), cores);
+        assert_eq!(s.session_threads, Some(3));
     }
 
     #[test]
