@@ -213,23 +213,40 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let (ctx, tls) = (ctx.clone(), tls.clone());
-        tracker.spawn_on(
-            async move {
-                let stream = match TcpStream::from_std(stream) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, %peer, "cannot register a connection on its session thread");
-                        return;
-                    }
-                };
-                match tls {
-                    None => handle_connection(stream, peer, ctx).await,
-                    Some(tls) => handle_tls_connection(stream, peer, ctx, tls).await,
-                }
-            },
-            threads.next(),
-        );
+        let ctx = ctx.clone();
+        let thread = threads.next();
+        // One future type per listener kind, as above: a plain session's task
+        // does not carry the TLS path's size.
+        match &tls {
+            None => tracker.spawn_on(
+                registered_here(stream, peer, move |s| handle_connection(s, peer, ctx)),
+                thread,
+            ),
+            Some(tls) => {
+                let tls = tls.clone();
+                tracker.spawn_on(
+                    registered_here(stream, peer, move |s| {
+                        handle_tls_connection(s, peer, ctx, tls)
+                    }),
+                    thread,
+                )
+            }
+        };
+    }
+}
+
+/// On a session thread: register `stream` with this thread's reactor, then
+/// `serve` it.
+async fn registered_here<F, Fut>(stream: std::net::TcpStream, peer: SocketAddr, serve: F)
+where
+    F: FnOnce(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    match TcpStream::from_std(stream) {
+        Ok(s) => serve(s).await,
+        Err(e) => {
+            tracing::warn!(error = %e, %peer, "cannot register a connection on its session thread")
+        }
     }
 }
 

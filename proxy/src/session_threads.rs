@@ -78,41 +78,53 @@ impl Placer {
 
 impl SessionThreads {
     /// Start `count` (≥ 1) session threads, each with its runtime serving.
+    /// Each thread builds its runtime itself, so a runtime is only ever
+    /// dropped on its own thread (never inside the caller's async context,
+    /// where tokio forbids it), even when starting fails half-way.
     pub fn start(count: usize) -> io::Result<Self> {
         let count = count.max(1);
         let stop = CancellationToken::new();
-        let mut runtimes = Vec::with_capacity(count);
-        for _ in 0..count {
-            runtimes.push(
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?,
-            );
-        }
+        // Stops and joins the threads started so far on an early return.
         let mut threads = Self {
             placer: Arc::new(Placer {
-                handles: runtimes.iter().map(|r| r.handle().clone()).collect(),
+                handles: Vec::new(),
                 next: AtomicUsize::new(0),
             }),
             threads: Vec::with_capacity(count),
             stop: stop.clone(),
         };
-        for (index, runtime) in runtimes.into_iter().enumerate() {
+        let mut handles = Vec::with_capacity(count);
+        for index in 0..count {
+            let (started, handle) = std::sync::mpsc::sync_channel(1);
             let stop = stop.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("sttproxy-session-{index}"))
                 .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = started.send(Err(e));
+                            return;
+                        }
+                    };
+                    if started.send(Ok(runtime.handle().clone())).is_err() {
+                        return;
+                    }
                     CURRENT.with(|c| c.set(Some(index)));
                     runtime.block_on(stop.cancelled());
-                    // Dropping the runtime here, on its own thread, drops
-                    // whatever tasks are left (none, after a graceful
-                    // shutdown).
-                    drop(runtime);
                 })?;
-            // On an early return `threads` is dropped: the threads started so
-            // far are stopped and joined.
             threads.threads.push(thread);
+            handles.push(handle.recv().map_err(|_| {
+                io::Error::other("a session thread ended before its runtime started")
+            })??);
         }
+        threads.placer = Arc::new(Placer {
+            handles,
+            next: AtomicUsize::new(0),
+        });
         Ok(threads)
     }
 
