@@ -241,6 +241,8 @@ where
         rate: SessionRate::new(&settings.rate),
         shutdown,
         metrics,
+        backend_pending: false,
+        client_pending: false,
         _backend: PhantomData,
     };
     let timer = tokio::time::sleep(r.tick);
@@ -298,6 +300,13 @@ struct Relay<'a, C, B, L> {
     /// Message counts are added here on each tick and at the end, not per
     /// message (the counters' cache lines are shared by every session).
     metrics: &'a Metrics,
+    /// Within one `poll`: the backend's / the client's read came back
+    /// pending. A pending read has registered the task's waker, so reading
+    /// it again in the same poll could only come back pending again (at the
+    /// price of a readiness check and a waker registration): each source is
+    /// read until it is pending once per wake-up, not once per turn.
+    backend_pending: bool,
+    client_pending: bool,
     _backend: PhantomData<fn() -> B>,
 }
 
@@ -312,6 +321,9 @@ struct Step {
     fault: Option<Fault>,
     /// Bytes after a frame that stopped processing.
     leftover: bool,
+    /// The source's read came back pending: its waker is registered, so it is
+    /// not read again until the task is woken (see `Relay::poll`).
+    pending: bool,
 }
 
 /// Move bytes one way: send an owed pong, flush, read what the source has
@@ -378,7 +390,10 @@ where
                     step.source_done = Some(Some(e));
                     return;
                 }
-                Poll::Pending => return,
+                Poll::Pending => {
+                    step.pending = true;
+                    return;
+                }
             }
         };
         step.read = true;
@@ -400,13 +415,19 @@ where
     L: RelayLease<B>,
 {
     fn poll(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<()> {
+        self.backend_pending = false;
+        self.client_pending = false;
+        // The timer is polled on the first turn and after each reset: once
+        // polled pending, its waker is registered until its deadline moves.
+        let mut poll_timer = true;
         // Bounded work per poll; past it, yield to the other sessions.
         for _ in 0..64 {
-            while timer.as_mut().poll(cx).is_ready() {
+            while poll_timer && timer.as_mut().poll(cx).is_ready() {
                 let now = Instant::now();
                 self.on_tick(now);
                 timer.as_mut().reset(self.next_wake(now + self.tick));
             }
+            poll_timer = false;
             let mut progressed = self.pump_to_client(cx);
             progressed |= self.pump_to_backend(cx);
             progressed |= self.advance(cx);
@@ -417,6 +438,7 @@ where
             let wake = self.next_wake(timer.deadline());
             if wake < timer.deadline() {
                 timer.as_mut().reset(wake);
+                poll_timer = true;
                 continue;
             }
             if !progressed {
@@ -445,7 +467,7 @@ where
             BackendPhase::Relaying | BackendPhase::Fencing
         );
         let backend_busy = !self.to_backend.output_at_rest() || self.lease.is_none();
-        let src = match (&mut self.lease, may_read) {
+        let src = match (&mut self.lease, may_read && !self.backend_pending) {
             (Some(lease), true) => Some(lease.stream.parts_mut()),
             _ => None,
         };
@@ -503,6 +525,7 @@ where
         if step.leftover {
             self.dirty = true;
         }
+        self.backend_pending |= step.pending;
         if step.read {
             self.state.backend_heard = true;
         }
@@ -534,7 +557,7 @@ where
                 }
         );
         let (client_io, client_unread) = self.client.parts_mut();
-        let src = may_read.then_some((client_io, client_unread));
+        let src = (may_read && !self.client_pending).then_some((client_io, client_unread));
         let closing = matches!(self.state.client, ClientPhase::Closing { sent: true, .. });
         let mut judge = FromClient {
             state: &mut self.state,
@@ -577,6 +600,7 @@ where
             }
             None => return false,
         };
+        self.client_pending |= step.pending;
         if step.read {
             self.state.heard = true;
         }
@@ -946,6 +970,8 @@ where
         }
         tracing::info!(session = %self.state.id, from_bytes = from, failovers, "session taken over by another backend");
         self.lease = Some(lease);
+        // A new connection: its read has not been tried in this poll.
+        self.backend_pending = false;
     }
 
     /// Nothing of the session is left at any layer of the backend stream.
