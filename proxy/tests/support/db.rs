@@ -135,16 +135,7 @@ pub async fn pg_db(test: &str) -> Option<PgTestDb> {
         }
     };
     sweep_stale_databases(&mut conn).await;
-    let name = format!(
-        "sttproxy_t_{}_{}_{}",
-        std::process::id(),
-        unique(),
-        test.chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .take(24)
-            .collect::<String>()
-    )
-    .to_lowercase();
+    let name = test_database_name(test, unix_now());
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
         .execute(&mut conn)
         .await
@@ -157,21 +148,67 @@ pub async fn pg_db(test: &str) -> Option<PgTestDb> {
     })
 }
 
-/// Drop test databases left behind by test processes that no longer run.
+/// Every test database's name starts with this; [`sweep_stale_databases`]
+/// looks at no other name.
+const TEST_DB_PREFIX: &str = "sttproxy_test_";
+
+/// A test database older than this was left behind by a test process that
+/// died: every test here is bounded far below it.
+const STALE_AFTER_SECS: u64 = 3 * 3600;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `sttproxy_test_<created, unix seconds>_<random>_<test>`: unique across
+/// processes, containers and machines sharing one PostgreSQL server (a PID is
+/// not: another PID namespace may use the same one), and dated so that a
+/// sweep can tell an abandoned database from one a test elsewhere is using.
+fn test_database_name(test: &str, created: u64) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(unique());
+    hasher.write_u32(std::process::id());
+    let random = hasher.finish() as u32;
+    format!(
+        "{TEST_DB_PREFIX}{created}_{random:08x}_{}",
+        test.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(24)
+            .collect::<String>()
+    )
+    .to_lowercase()
+}
+
+/// When the test database `name` was created, if it is one of ours.
+fn test_database_created(name: &str) -> Option<u64> {
+    name.strip_prefix(TEST_DB_PREFIX)?
+        .split('_')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Drop test databases left behind by test processes that died before their
+/// `drop_db`. Only age tells: the server may be shared with test runs this
+/// process cannot see (other containers, other machines), so whether some
+/// PID is alive here says nothing about a database's owner.
 async fn sweep_stale_databases(conn: &mut sqlx::PgConnection) {
     let Ok(names) = sqlx::query_scalar::<_, String>(
-        "SELECT datname FROM pg_database WHERE datname LIKE 'sttproxy\\_t\\_%'",
+        "SELECT datname FROM pg_database WHERE datname LIKE 'sttproxy\\_test\\_%'",
     )
     .fetch_all(&mut *conn)
     .await
     else {
         return;
     };
+    let now = unix_now();
     for name in names {
-        let pid = name.split('_').nth(3).and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
+        let stale = test_database_created(&name)
+            .is_some_and(|created| now.saturating_sub(created) > STALE_AFTER_SECS);
+        if stale {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
             )))
