@@ -5,20 +5,30 @@
 //! streams (`tokio::io::duplex`) on a current-thread runtime with a paused
 //! clock (no clock reads, no timer ever fires: the count does not depend on
 //! how fast valgrind runs). The peers are byte pumps, not WebSocket stacks:
-//! the client writes pre-encoded masked 1 KiB binary frames, the backend
-//! unmasked ones, [`BATCH`] frames per write (several frames per read, as a
-//! busy proxy sees them), and both count what they receive without parsing
-//! it. The session ends as a real one does: `session.end`, the fence with the
-//! backend, Close both ways, the lease released.
+//! the client writes pre-encoded masked 1 KiB frames, the backend unmasked
+//! ones, and both count what they receive without parsing it. The session
+//! ends as a real one does: `session.end`, the fence with the backend, Close
+//! both ways, the lease released.
 //!
-//! Two runs: `messages::setup` relays nothing (the session's start and end),
-//! `messages::relay` relays [`MESSAGES`] each way. Instructions per relayed
-//! message (one 1 KiB frame in either direction) = (relay − setup) /
-//! (2 × MESSAGES). The runtime, the streams and the frames are built in the
-//! benchmark's setup function, which callgrind does not count.
+//! Two shapes of traffic, because they take different paths:
+//! - `messages::binary`: binary frames, [`BINARY_BATCH`] per write (several
+//!   frames per read, as a busy proxy sees them): the pass-through path.
+//! - `messages::text`: text frames, one per write and one write per turn of
+//!   the runtime: a wake-up and a read per message. The client's text is
+//!   data (not JSON, like `loadgen`'s): validated as UTF-8 and re-masked. The
+//!   backend's is a result as an STT backend sends it, naming the session
+//!   (docs/protocol.md): searched, read as JSON and checked against the
+//!   lease. What a session at a few messages per second costs.
 //!
-//! `scripts/check-instructions` runs this, prints the figure and fails when it
-//! is more than 10 % above `proxy/benches/relay_instructions.baseline`.
+//! `messages::setup` relays nothing (the session's start and end). For each
+//! shape, instructions per relayed message (one 1 KiB frame in either
+//! direction) = (shape − setup) / (2 × MESSAGES). The runtime, the streams
+//! and the frames are built in the benchmark's setup function, which
+//! callgrind does not count.
+//!
+//! `scripts/check-instructions` runs this, prints both figures and fails when
+//! either is more than 10 % above its number in
+//! `proxy/benches/relay_instructions.baseline`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -44,8 +54,8 @@ use tokio::runtime::Runtime;
 const MESSAGES: usize = 1000;
 /// Payload bytes of one message.
 const PAYLOAD: usize = 1024;
-/// Frames per write of a peer.
-const BATCH: usize = 4;
+/// Frames per write of a peer in `messages::binary`.
+const BINARY_BATCH: usize = 4;
 /// Capacity of each in-memory stream, each way (a socket buffer's order).
 const PIPE: usize = 64 << 10;
 /// The client's mask key (any fixed key: the cost of masking does not depend on it).
@@ -56,18 +66,62 @@ struct Bench {
     rt: Runtime,
     metrics: Arc<Metrics>,
     messages: usize,
+    /// Frames per write of either peer.
+    batch: usize,
     client: DuplexStream,
     proxy_client: DuplexStream,
     proxy_backend: DuplexStream,
     backend: DuplexStream,
-    /// [`BATCH`] masked binary frames, as the client sends them.
+    /// `batch` masked frames, as the client sends them.
     client_batch: Vec<u8>,
-    /// [`BATCH`] unmasked binary frames, as the backend sends them.
+    /// `batch` unmasked frames, as the backend sends them.
     backend_batch: Vec<u8>,
 }
 
-fn setup(messages: usize) -> Bench {
-    assert_eq!(messages % BATCH, 0);
+/// What `setup` relays: frames of `opcode`, `batch` per write.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    opcode: u8,
+    batch: usize,
+}
+
+const BINARY: Shape = Shape {
+    opcode: OP_BINARY,
+    batch: BINARY_BATCH,
+};
+const TEXT: Shape = Shape {
+    opcode: OP_TEXT,
+    batch: 1,
+};
+
+/// The session id the relay runs under.
+const SESSION: &str = "bench";
+
+/// [`PAYLOAD`] bytes of what `from` sends as `opcode`: binary data; the
+/// client's text, data that is not JSON; the backend's text, a result naming
+/// the session, its `text` padded.
+fn payload(opcode: u8, from: Peer) -> Vec<u8> {
+    if opcode != OP_TEXT {
+        return vec![0x5a; PAYLOAD];
+    }
+    let (head, tail) = match from {
+        Peer::Client => ("LG1 text data ".to_string(), String::new()),
+        Peer::Backend => (
+            format!(
+                r#"{{"type":"partial","session":"{SESSION}","seq":4,"utterance":1,"audio_start_ms":2480,"audio_end_ms":2600,"text":""#
+            ),
+            r#""}"#.to_string(),
+        ),
+    };
+    let mut p = head.into_bytes();
+    p.resize(PAYLOAD - tail.len(), b'z');
+    p.extend_from_slice(tail.as_bytes());
+    p
+}
+
+fn setup(messages: usize, shape: Shape) -> Bench {
+    let Shape { opcode, batch } = shape;
+    assert_eq!(messages % batch, 0);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -75,17 +129,19 @@ fn setup(messages: usize) -> Bench {
         .unwrap();
     let (client, proxy_client) = tokio::io::duplex(PIPE);
     let (proxy_backend, backend) = tokio::io::duplex(PIPE);
-    let payload = vec![0x5a; PAYLOAD];
+    let from_client = payload(opcode, Peer::Client);
+    let from_backend = payload(opcode, Peer::Backend);
     let mut client_batch = Vec::new();
     let mut backend_batch = Vec::new();
-    for _ in 0..BATCH {
-        frame::push_frame(&mut client_batch, OP_BINARY, &payload, Some(CLIENT_KEY));
-        frame::push_frame(&mut backend_batch, OP_BINARY, &payload, None);
+    for _ in 0..batch {
+        frame::push_frame(&mut client_batch, opcode, &from_client, Some(CLIENT_KEY));
+        frame::push_frame(&mut backend_batch, opcode, &from_backend, None);
     }
     Bench {
         rt,
         metrics: Metrics::new(Backends::default()),
         messages,
+        batch,
         client,
         proxy_client,
         proxy_backend,
@@ -178,9 +234,14 @@ fn encode(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
 
 /// The client: its messages, then `session.end`; it reads every result, the
 /// `session.ended`, answers the Close and reads until the proxy shuts.
-async fn client(mut io: DuplexStream, batch: Vec<u8>, messages: usize) -> DuplexStream {
+async fn client(
+    mut io: DuplexStream,
+    batch: Vec<u8>,
+    messages: usize,
+    rounds: usize,
+) -> DuplexStream {
     let expect = messages * wire_len(Peer::Client);
-    let mut pending = exchange(&mut io, &batch, messages / BATCH, expect).await;
+    let mut pending = exchange(&mut io, &batch, rounds, expect).await;
     let end = encode(OP_TEXT, br#"{"type":"session.end"}"#, Some(CLIENT_KEY));
     io.write_all(&end).await.unwrap();
     let (op, text) = next_frame(&mut io, &mut pending).await;
@@ -202,9 +263,14 @@ async fn client(mut io: DuplexStream, batch: Vec<u8>, messages: usize) -> Duplex
 
 /// The backend: its results while reading the client's messages, then the
 /// proxy's `session.end`, answered with `session.ended` and its fence token.
-async fn backend(mut io: DuplexStream, batch: Vec<u8>, messages: usize) -> DuplexStream {
+async fn backend(
+    mut io: DuplexStream,
+    batch: Vec<u8>,
+    messages: usize,
+    rounds: usize,
+) -> DuplexStream {
     let expect = messages * wire_len(Peer::Backend);
-    let mut pending = exchange(&mut io, &batch, messages / BATCH, expect).await;
+    let mut pending = exchange(&mut io, &batch, rounds, expect).await;
     let (op, end) = next_frame(&mut io, &mut pending).await;
     assert_eq!(op, OP_TEXT);
     let end: serde_json::Value = serde_json::from_slice(&end).unwrap();
@@ -269,6 +335,7 @@ fn session(b: Bench) -> Leftovers {
         rt,
         metrics,
         messages,
+        batch,
         client: client_io,
         proxy_client,
         proxy_backend,
@@ -278,8 +345,9 @@ fn session(b: Bench) -> Leftovers {
     } = b;
     let released = Rc::new(Cell::new(None));
     let (end, client_io, backend_io) = rt.block_on(async {
-        let c = tokio::spawn(client(client_io, client_batch, messages));
-        let s = tokio::spawn(backend(backend_io, backend_batch, messages));
+        let rounds = messages / batch;
+        let c = tokio::spawn(client(client_io, client_batch, messages, rounds));
+        let s = tokio::spawn(backend(backend_io, backend_batch, messages, rounds));
         let mut proxy_side = FrameStream::new(proxy_client, Vec::new(), Peer::Client);
         let lease = Lease {
             conn: BackendConn::new(proxy_backend, Vec::new()),
@@ -290,7 +358,7 @@ fn session(b: Bench) -> Leftovers {
             &mut proxy_side,
             lease,
             true,
-            "bench",
+            SESSION,
             &settings(),
             &shutdown,
             &metrics,
@@ -322,8 +390,9 @@ fn session(b: Bench) -> Leftovers {
 }
 
 #[library_benchmark]
-#[bench::setup(args = (0), setup = setup)]
-#[bench::relay(args = (MESSAGES), setup = setup)]
+#[bench::setup(args = (0, BINARY), setup = setup)]
+#[bench::binary(args = (MESSAGES, BINARY), setup = setup)]
+#[bench::text(args = (MESSAGES, TEXT), setup = setup)]
 fn messages(b: Bench) -> Leftovers {
     // Returned, not dropped: the runtime's teardown is not counted.
     black_box(session(b))
