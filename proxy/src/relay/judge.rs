@@ -287,7 +287,7 @@ impl Judge for FromClient<'_> {
         };
         match control.as_ref().and_then(Control::kind) {
             Some("session.end") if self.state.fenced => {
-                let end = fence::end_message(&self.state.id, &self.state.token);
+                let end = fence::end_message(&self.state.id, self.state.token());
                 self.state.client_ended();
                 (Verdict::Replace(end), Flow::Continue)
             }
@@ -360,52 +360,22 @@ impl Judge for FromBackend<'_> {
             Verdict::Drop
         };
         let offsets_possible = self.state.resume.is_some() && OFFSET_KEY.find(payload).is_some();
-        if !offsets_possible && SESSION_KEY.find(payload).is_none() {
+        let session_at = SESSION_KEY.find(payload);
+        if !offsets_possible && session_at.is_none() {
+            // No control message of ours, but the token may still be in it
+            // (a backend reflecting the proxy's `session.end` in its own words).
+            return token_echo_or(self.state, payload, forward);
+        }
+        // The common result: it names this session, nothing else. Reading it
+        // as JSON (below) would forward it too, at ≈ 6 instructions a byte.
+        if let Some(at) = session_at
+            && self.state.resume.is_none()
+            && names_this_session_only(payload, at, &self.state.id)
+            && !self.state.carries_token(payload)
+        {
             return (forward, Flow::Continue);
         }
-        let st = &mut *self.state;
-        let Some(c) = control(payload) else {
-            return (forward, Flow::Continue);
-        };
-        if c.sessions.iter().any(|s| *s != st.id) {
-            st.dropped(Dropped::ForeignSession);
-            return (Verdict::Drop, Flow::Continue);
-        }
-        if c.kind() == Some("session.ended") {
-            if st.fence_pending() && c.fence() == Some(st.token.as_str()) {
-                let verdict = if st.client_takes_data() {
-                    let ended = fence::ended_message(&st.id);
-                    st.counts.to_client.0 += 1;
-                    st.counts.to_client.1 += ended.len() as u64;
-                    Verdict::Replace(ended)
-                } else {
-                    Verdict::Drop
-                };
-                // After the verdict: completing the fence closes the client.
-                st.fence_completed();
-                // Nothing after this frame belongs to the session.
-                return (verdict, Flow::Stop);
-            }
-            st.dropped(Dropped::StaleFence);
-            return (Verdict::Drop, Flow::Continue);
-        }
-        if contains(payload, st.token.as_bytes()) {
-            st.dropped(Dropped::TokenEcho);
-            return (Verdict::Drop, Flow::Continue);
-        }
-        if let Some(r) = st.resume.as_deref_mut() {
-            let offsets = c.offsets();
-            // After a takeover the new backend says again what the old one
-            // said for the replayed audio: the client gets each result once.
-            if r.replaying() && (r.replay.stale(offsets) || c.kind() == Some("session.started")) {
-                st.dropped(Dropped::Replayed);
-                return (Verdict::Drop, Flow::Continue);
-            }
-            if matches!(forward, Verdict::Forward) {
-                r.replay.delivered(offsets);
-            }
-        }
-        (forward, Flow::Continue)
+        self.read_control(payload, forward)
     }
 
     fn control(&mut self, opcode: u8, payload: &[u8]) -> Flow {
@@ -434,6 +404,91 @@ impl Judge for FromBackend<'_> {
     fn too_big(&mut self) {
         self.state
             .backend_failed("backend sent a message larger than max_message_size".into());
+    }
+}
+
+/// Whether a backend text names this session in the one way a byte check can
+/// be sure of, and nothing else the relay looks for: no backslash (so no JSON
+/// escape spells a key or value another way, and every `"` opens or closes a
+/// string), exactly one `"session` (at `at`), spelled `"session":"<id>"`, and
+/// an id that needs no escaping. The strict reading ([`control`]) of such a
+/// text finds no other session and no `session.*` type in it, so it could
+/// only forward it or drop it for carrying the token, which the caller checks
+/// apart. The property test `the_fast_path_agrees_with_the_reading` holds the
+/// two to the same verdicts.
+fn names_this_session_only(text: &[u8], at: usize, id: &str) -> bool {
+    let plain_id = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let named = text[at..]
+        .strip_prefix(br#""session":""#)
+        .and_then(|rest| rest.strip_prefix(id.as_bytes()))
+        .is_some_and(|rest| rest.starts_with(b"\""));
+    plain_id
+        && named
+        && SESSION_KEY.find(&text[at + 1..]).is_none()
+        && memchr::memchr(b'\\', text).is_none()
+}
+
+/// A backend text that is no control message: dropped if it carries the
+/// fence token (which never reaches the client), else `forward`.
+fn token_echo_or(st: &mut State, payload: &[u8], forward: Verdict) -> (Verdict, Flow) {
+    if st.carries_token(payload) {
+        st.dropped(Dropped::TokenEcho);
+        return (Verdict::Drop, Flow::Continue);
+    }
+    (forward, Flow::Continue)
+}
+
+impl FromBackend<'_> {
+    /// A backend text read as JSON: a session named that is not this one, the
+    /// fence's `session.ended`, the token echoed, a replayed result.
+    fn read_control(&mut self, payload: &[u8], forward: Verdict) -> (Verdict, Flow) {
+        let st = &mut *self.state;
+        let Some(c) = control(payload) else {
+            // Not a strict JSON object: data, unless it carries the token.
+            return token_echo_or(st, payload, forward);
+        };
+        if c.sessions.iter().any(|s| *s != st.id) {
+            st.dropped(Dropped::ForeignSession);
+            return (Verdict::Drop, Flow::Continue);
+        }
+        if c.kind() == Some("session.ended") {
+            if st.fence_pending() && c.fence() == Some(st.token()) {
+                let verdict = if st.client_takes_data() {
+                    let ended = fence::ended_message(&st.id);
+                    st.counts.to_client.0 += 1;
+                    st.counts.to_client.1 += ended.len() as u64;
+                    Verdict::Replace(ended)
+                } else {
+                    Verdict::Drop
+                };
+                // After the verdict: completing the fence closes the client.
+                st.fence_completed();
+                // Nothing after this frame belongs to the session.
+                return (verdict, Flow::Stop);
+            }
+            st.dropped(Dropped::StaleFence);
+            return (Verdict::Drop, Flow::Continue);
+        }
+        if st.carries_token(payload) {
+            st.dropped(Dropped::TokenEcho);
+            return (Verdict::Drop, Flow::Continue);
+        }
+        if let Some(r) = st.resume.as_deref_mut() {
+            let offsets = c.offsets();
+            // After a takeover the new backend says again what the old one
+            // said for the replayed audio: the client gets each result once.
+            if r.replaying() && (r.replay.stale(offsets) || c.kind() == Some("session.started")) {
+                st.dropped(Dropped::Replayed);
+                return (Verdict::Drop, Flow::Continue);
+            }
+            if matches!(forward, Verdict::Forward) {
+                r.replay.delivered(offsets);
+            }
+        }
+        (forward, Flow::Continue)
     }
 }
 
@@ -575,7 +630,7 @@ mod tests {
         let Verdict::Replace(end) = from_client(&mut st, r#"{"type":"session\u002eend"}"#) else {
             panic!("session.end not recognized");
         };
-        assert!(end.contains(&st.token));
+        assert!(end.contains(st.token()));
         assert_eq!(st.backend, BackendPhase::Fencing);
     }
 
@@ -606,8 +661,147 @@ mod tests {
         let Verdict::Replace(shown) = v else {
             panic!("the real session.ended must reach the client");
         };
-        assert!(!shown.contains(&st.token));
+        assert!(!shown.contains(st.token()));
         assert_eq!(flow, Flow::Stop);
         assert_eq!(st.backend, BackendPhase::FenceDone);
+    }
+
+    /// `FromBackend::message` without its fast path: the prefilter, then the
+    /// strict reading of every text that mentions `"session`.
+    fn from_backend_read(st: &mut State, text: &str) -> (Verdict, Flow) {
+        let mut out = Output::default();
+        let mut slot = None;
+        let forward = if st.client_takes_data() {
+            Verdict::Forward
+        } else {
+            Verdict::Drop
+        };
+        let offsets_possible = st.resume.is_some() && OFFSET_KEY.find(text.as_bytes()).is_some();
+        if !offsets_possible && SESSION_KEY.find(text.as_bytes()).is_none() {
+            return token_echo_or(st, text.as_bytes(), forward);
+        }
+        let mut j = FromBackend {
+            state: st,
+            pong: Pong {
+                out: &mut out,
+                busy: false,
+                slot: &mut slot,
+                to: Peer::Backend,
+            },
+        };
+        j.read_control(text.as_bytes(), forward)
+    }
+
+    /// Members of a backend result, the awkward ones included: this session
+    /// and others, spelled plainly, with spaces, escaped, nested, as a prefix
+    /// of a longer key or inside a value; the fence and its token.
+    const MEMBERS: &[&str] = &[
+        r#""type":"partial""#,
+        r#""type":"session.ended""#,
+        r#""type":"session.started""#,
+        r#""session":"s1""#,
+        r#""session":"s2""#,
+        r#""session":"s1x""#,
+        r#""session":"s""#,
+        r#""session": "s2""#,
+        r#""session":1"#,
+        r#""session":null"#,
+        r#""sessions":"s2""#,
+        r#""session_id":"s2""#,
+        r#""\u0073ession":"s2""#,
+        r#""session":"s\u0032""#,
+        r#""meta":{"session":"s2"}"#,
+        r#""meta":{"session":"s1"}"#,
+        r#""text":"session s2""#,
+        r#""text":"a \"session\":\"s2\" b""#,
+        r#""fence":"0123456789abcdef0123456789abcdef""#,
+        r#""fence":"bad""#,
+        r#""text":"0123456789abcdef0123456789abcdef""#,
+        r#""seq":4"#,
+        r#""text":"zzzzzzzzzzzzzzzz""#,
+    ];
+
+    proptest::proptest! {
+        // Cheap cases, and the divergent ones need two or three particular
+        // members together: many of them.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(8192))]
+
+        /// The fast path for results naming this session gives every text
+        /// the verdict, flow and counts the strict reading gives it.
+        #[test]
+        fn the_fast_path_agrees_with_the_reading(
+            picks in proptest::collection::vec(0..MEMBERS.len(), 0..6),
+            cut in proptest::option::of(0usize..200),
+            lead in proptest::sample::select(vec!["", " ", "x", "["]),
+            fence_pending in proptest::bool::ANY,
+        ) {
+            let body = picks.iter().map(|&i| MEMBERS[i]).collect::<Vec<_>>().join(",");
+            let mut text = format!("{lead}{{{body}}}");
+            if let Some(cut) = cut {
+                text.truncate(cut.min(text.len()));
+            }
+            let (mut fast, mut read) = (state(), state());
+            if fence_pending {
+                fast.start_fence();
+                read.start_fence();
+            }
+            let (v1, f1) = from_backend(&mut fast, &text);
+            let (v2, f2) = from_backend_read(&mut read, &text);
+            proptest::prop_assert_eq!(format!("{v1:?}"), format!("{v2:?}"), "{}", text);
+            proptest::prop_assert_eq!(f1, f2, "{}", text);
+            proptest::prop_assert_eq!(fast.dropped, read.dropped, "{}", text);
+            proptest::prop_assert_eq!(
+                (format!("{:?}", fast.client), format!("{:?}", fast.backend)),
+                (format!("{:?}", read.client), format!("{:?}", read.backend)),
+                "{}", text
+            );
+        }
+    }
+
+    /// The fast path takes what it is meant for, and only that.
+    #[test]
+    fn the_fast_path_is_taken_for_plain_results_only() {
+        let yes = br#"{"type":"partial","session":"s1","text":"hello"}"#;
+        let at = SESSION_KEY.find(yes).unwrap();
+        assert!(names_this_session_only(yes, at, "s1"));
+        for no in [
+            &br#"{"type":"partial","session":"s1x","text":"hello"}"#[..],
+            br#"{"type":"partial","session":"s1","text":"a\nb"}"#,
+            br#"{"type":"session.ended","session":"s1"}"#,
+            br#"{"session":"s1","session":"s2"}"#,
+            br#"{"session": "s1"}"#,
+        ] {
+            let at = SESSION_KEY.find(no).unwrap();
+            assert!(
+                !names_this_session_only(no, at, "s1"),
+                "{}",
+                String::from_utf8_lossy(no)
+            );
+        }
+        assert!(!names_this_session_only(
+            br#"{"session":"a\"b"}"#,
+            0,
+            "a\"b"
+        ));
+    }
+
+    /// The fence token never reaches the client in a text the relay reads,
+    /// whatever the text is: a JSON object or not, naming a session or not.
+    #[test]
+    fn a_text_carrying_the_token_is_dropped_whatever_its_shape() {
+        let token = state().token().to_string();
+        for text in [
+            format!(r#"{{"type":"echo","fence":"{token}"}}"#),
+            format!(r#"{{"type":"echo","session":"s1","fence":"{token}"}}"#),
+            format!(r#"echo: {{"type":"session.end","session":"s1","fence":"{token}"}}"#),
+            format!(r#"{{"session":"s1","fence":"{token}""#),
+            token.clone(),
+        ] {
+            let mut st = state();
+            let (verdict, flow) = from_backend(&mut st, &text);
+            assert!(matches!(verdict, Verdict::Drop), "{text}");
+            assert_eq!(flow, Flow::Continue, "{text}");
+            assert_eq!(st.dropped[Dropped::TokenEcho as usize], 1, "{text}");
+        }
     }
 }

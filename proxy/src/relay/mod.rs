@@ -822,7 +822,8 @@ where
                     self.fence = "error";
                     self.resolve(false, false);
                 } else {
-                    let end = crate::backend::fence::end_message(&self.state.id, &self.state.token);
+                    let end =
+                        crate::backend::fence::end_message(&self.state.id, self.state.token());
                     let mut frame = Vec::new();
                     frame::push_frame(
                         &mut frame,
@@ -920,6 +921,11 @@ where
     /// A new backend connection takes the session over: `session.start` with
     /// `resume`, the replay, and `session.end` if the client already ended.
     fn install(&mut self, lease: L, since: Option<Instant>) {
+        if self.failover.is_none() || self.state.resume.is_none() {
+            return;
+        }
+        // A fresh token: nothing of the old lease's fence carries over.
+        self.state.set_token(new_fence_token());
         let (Some(f), Some(r)) = (self.failover.as_deref(), self.state.resume.as_deref_mut())
         else {
             return;
@@ -928,8 +934,6 @@ where
         r.outcomes[FailoverOutcome::Resumed as usize] += 1;
         let from = r.replay.resume_from();
         let failovers = r.failovers;
-        // A fresh token: nothing of the old lease's fence carries over.
-        self.state.token = new_fence_token();
         let id = &self.state.id;
         let mut frames = Vec::new();
         let start = crate::backend::fence::resume_message(id, f.params, from, failovers);
@@ -944,7 +948,7 @@ where
         }
         self.state.backend = BackendPhase::Relaying;
         if self.state.client == ClientPhase::Ended {
-            let end = crate::backend::fence::end_message(&self.state.id, &self.state.token);
+            let end = crate::backend::fence::end_message(&self.state.id, self.state.token());
             frame::push_frame(
                 &mut frames,
                 frame::OP_TEXT,

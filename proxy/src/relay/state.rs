@@ -10,6 +10,7 @@
 //! - Every deadline set here (fence, close) is awaited by the relay's one
 //!   timer; no await is unbounded.
 
+use memchr::memmem::Finder;
 use tokio::time::{Duration, Instant};
 
 use super::frame::{MAX_CONTROL_PAYLOAD, is_valid_close_code};
@@ -189,7 +190,13 @@ impl Resume {
 pub(crate) struct State {
     pub id: String,
     /// This lease's fence token (docs/protocol.md): never shown to the client.
-    pub token: String,
+    /// Private, so that it changes only with [`State::set_token`], which keeps
+    /// `token_finder` in step.
+    token: String,
+    /// Searches a text for `token`: built once per token, not per message;
+    /// boxed, because it is larger than the rest of the state and every open
+    /// session's future holds the state.
+    token_finder: Box<Finder<'static>>,
     pub fenced: bool,
     pub client: ClientPhase,
     pub backend: BackendPhase,
@@ -221,6 +228,7 @@ impl State {
     ) -> Self {
         Self {
             id,
+            token_finder: Box::new(Finder::new(token.as_bytes()).into_owned()),
             token,
             fenced,
             client: ClientPhase::Open,
@@ -237,6 +245,23 @@ impl State {
             drain_timeout,
             close_timeout,
         }
+    }
+
+    /// This lease's fence token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// A new lease's fence token (a takeover's): nothing of the old one's
+    /// fence carries over.
+    pub fn set_token(&mut self, token: String) {
+        *self.token_finder = Finder::new(token.as_bytes()).into_owned();
+        self.token = token;
+    }
+
+    /// Whether `text` holds this lease's fence token anywhere.
+    pub fn carries_token(&self, text: &[u8]) -> bool {
+        self.token_finder.find(text).is_some()
     }
 
     /// When a takeover in progress must be in place.
