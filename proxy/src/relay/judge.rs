@@ -287,7 +287,7 @@ impl Judge for FromClient<'_> {
         };
         match control.as_ref().and_then(Control::kind) {
             Some("session.end") if self.state.fenced => {
-                let end = fence::end_message(&self.state.id, self.state.token());
+                let end = self.state.end_message();
                 self.state.client_ended();
                 (Verdict::Replace(end), Flow::Continue)
             }
@@ -637,6 +637,8 @@ mod tests {
     #[tokio::test]
     async fn only_the_tokens_session_ended_completes_the_fence() {
         let mut st = state();
+        // As the client's `session.end` does: the backend gets the token.
+        st.end_message();
         st.client_ended();
         for wrong in [
             r#"{"type":"session.ended","session":"s1"}"#,
@@ -742,8 +744,10 @@ mod tests {
             }
             let (mut fast, mut read) = (state(), state());
             if fence_pending {
-                fast.start_fence();
-                read.start_fence();
+                for st in [&mut fast, &mut read] {
+                    st.end_message();
+                    st.start_fence();
+                }
             }
             let (v1, f1) = from_backend(&mut fast, &text);
             let (v2, f2) = from_backend_read(&mut read, &text);
@@ -790,6 +794,11 @@ mod tests {
     #[test]
     fn a_text_carrying_the_token_is_dropped_whatever_its_shape() {
         let token = state().token().to_string();
+        // Before the proxy's `session.end` the backend cannot know the token:
+        // not searched for.
+        let mut st = state();
+        let early = format!(r#"{{"type":"echo","fence":"{token}"}}"#);
+        assert!(matches!(from_backend(&mut st, &early).0, Verdict::Forward));
         for text in [
             format!(r#"{{"type":"echo","fence":"{token}"}}"#),
             format!(r#"{{"type":"echo","session":"s1","fence":"{token}"}}"#),
@@ -798,6 +807,7 @@ mod tests {
             token.clone(),
         ] {
             let mut st = state();
+            st.end_message();
             let (verdict, flow) = from_backend(&mut st, &text);
             assert!(matches!(verdict, Verdict::Drop), "{text}");
             assert_eq!(flow, Flow::Continue, "{text}");

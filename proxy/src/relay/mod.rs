@@ -822,8 +822,7 @@ where
                     self.fence = "error";
                     self.resolve(false, false);
                 } else {
-                    let end =
-                        crate::backend::fence::end_message(&self.state.id, self.state.token());
+                    let end = self.state.end_message();
                     let mut frame = Vec::new();
                     frame::push_frame(
                         &mut frame,
@@ -948,7 +947,7 @@ where
         }
         self.state.backend = BackendPhase::Relaying;
         if self.state.client == ClientPhase::Ended {
-            let end = crate::backend::fence::end_message(&self.state.id, self.state.token());
+            let end = self.state.end_message();
             frame::push_frame(
                 &mut frames,
                 frame::OP_TEXT,

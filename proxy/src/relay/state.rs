@@ -193,6 +193,9 @@ pub(crate) struct State {
     /// Private, so that it changes only with [`State::set_token`], which keeps
     /// `token_finder` in step.
     token: String,
+    /// Whether `token` went to the backend (in `session.end`). Until then no
+    /// message can carry it: it is random, and nothing else ever sends it.
+    token_sent: bool,
     /// Searches a text for `token`: built once per token, not per message;
     /// boxed, because it is larger than the rest of the state and every open
     /// session's future holds the state.
@@ -229,6 +232,7 @@ impl State {
         Self {
             id,
             token_finder: Box::new(Finder::new(token.as_bytes()).into_owned()),
+            token_sent: false,
             token,
             fenced,
             client: ClientPhase::Open,
@@ -257,11 +261,22 @@ impl State {
     pub fn set_token(&mut self, token: String) {
         *self.token_finder = Finder::new(token.as_bytes()).into_owned();
         self.token = token;
+        self.token_sent = false;
     }
 
-    /// Whether `text` holds this lease's fence token anywhere.
+    /// The `session.end` for the backend, carrying this lease's token: the
+    /// one way the token leaves the proxy.
+    pub fn end_message(&mut self) -> String {
+        self.token_sent = true;
+        crate::backend::fence::end_message(&self.id, &self.token)
+    }
+
+    /// Whether `text` holds this lease's fence token anywhere. Not searched
+    /// for before [`State::end_message`] sent it: until then no text can
+    /// hold it (but by a 2^-128 chance), and most of a session's messages
+    /// come before.
     pub fn carries_token(&self, text: &[u8]) -> bool {
-        self.token_finder.find(text).is_some()
+        self.token_sent && self.token_finder.find(text).is_some()
     }
 
     /// When a takeover in progress must be in place.
