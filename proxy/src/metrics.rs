@@ -181,7 +181,8 @@ impl Metrics {
             "client_closes",
             "Close handshakes with clients, by outcome (clean, no_reply: our Close was not \
              answered in time, not_sent: the socket was shut without a Close frame, \
-             vanished: the client's stream ended without a close handshake)",
+             vanished: the client's stream ended without a close handshake, ping_timeout: \
+             the client answered no ping within pong_timeout)",
             m.client_closes.clone(),
         );
         registry.register(
@@ -239,6 +240,7 @@ impl Metrics {
              the session over",
             m.failover_pause_seconds.clone(),
         );
+        m.start_at_zero();
         registry.register_collector(Box::new(PoolCollector { backends }));
         registry.register_collector(Box::new(RuntimeCollector {
             session_threads: m.session_threads.clone(),
@@ -247,6 +249,41 @@ impl Metrics {
             registry.register_collector(Box::new(ConfigCollector { status }));
         }
         Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Every label value of the families whose values are known in advance,
+    /// created at zero: a series that appears only on its first count shows
+    /// nothing to `rate()` or to an alert on its increase until then (and
+    /// its first increase is lost to them). `sessions` and `refused` take
+    /// their many outcomes from all over the proxy and are left to appear;
+    /// `tls_handshakes` too.
+    fn start_at_zero(&self) {
+        use crate::relay::{self, rate::Exceeded};
+        use crate::route::{ACQUIRE_OUTCOMES, STICKY_OUTCOMES};
+        let outcomes = |family: &Family<OutcomeLabel, Counter>, all: &[&'static str]| {
+            for &outcome in all {
+                drop(family.get_or_create(&OutcomeLabel { outcome }));
+            }
+        };
+        for direction in [TO_BACKEND, TO_CLIENT] {
+            drop(self.messages.get_or_create(&direction));
+            drop(self.bytes.get_or_create(&direction));
+        }
+        outcomes(&self.acquire, &ACQUIRE_OUTCOMES);
+        outcomes(&self.sticky_routes, &STICKY_OUTCOMES.map(|o| o.as_str()));
+        outcomes(&self.fencing, &relay::FENCE_OUTCOMES);
+        outcomes(&self.client_closes, &relay::CLIENT_CLOSE_OUTCOMES);
+        outcomes(&self.failovers, &relay::failover_outcomes());
+        outcomes(&self.jwt_key_reloads, &["ok", "error"]);
+        outcomes(&self.tls_reloads, &["ok", "error"]);
+        for reason in relay::dropped_reasons() {
+            drop(self.relay_dropped.get_or_create(&ReasonLabel { reason }));
+        }
+        for limit in Exceeded::ALL {
+            drop(self.rate_limited.get_or_create(&LimitLabel {
+                limit: limit.label(),
+            }));
+        }
     }
 
     /// Count the tasks of these session threads too in `runtime_tasks`
@@ -446,5 +483,36 @@ impl Collector for ConfigCollector {
             )?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A proxy that has counted nothing yet shows every known series at 0.
+    #[test]
+    fn known_series_start_at_zero() {
+        let text = Metrics::new(Backends::default()).render().unwrap();
+        for series in [
+            r#"sttproxy_messages_total{direction="client_to_backend"} 0"#,
+            r#"sttproxy_bytes_total{direction="backend_to_client"} 0"#,
+            r#"sttproxy_acquire_total{outcome="no_backend"} 0"#,
+            r#"sttproxy_sticky_routes_total{outcome="no_key"} 0"#,
+            r#"sttproxy_fencing_total{outcome="dirty"} 0"#,
+            r#"sttproxy_client_closes_total{outcome="ping_timeout"} 0"#,
+            r#"sttproxy_failovers_total{outcome="resumed"} 0"#,
+            r#"sttproxy_jwt_key_reloads_total{outcome="error"} 0"#,
+            r#"sttproxy_tls_reloads_total{outcome="ok"} 0"#,
+            r#"sttproxy_relay_dropped_messages_total{reason="token_echo"} 0"#,
+            r#"sttproxy_rate_limited_total{limit="bytes"} 0"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "{series} not in:\n{text}"
+            );
+        }
     }
 }

@@ -222,6 +222,28 @@ pub enum NoConnection {
     Timeout(Duration),
 }
 
+impl NoConnection {
+    /// Its `sttproxy_acquire_total{outcome}` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            NoConnection::NoBackend => "no_backend",
+            NoConnection::Timeout(_) => "timeout",
+        }
+    }
+}
+
+/// Every `sttproxy_acquire_total{outcome}` label: how a session got its
+/// connection ([`Acquired`]) or why it got none ([`NoConnection`]).
+pub const ACQUIRE_OUTCOMES: [&str; 5] = ["idle", "dialed", "waited", "no_backend", "timeout"];
+
+/// Every `sttproxy_sticky_routes_total{outcome}` label.
+pub const STICKY_OUTCOMES: [StickyOutcome; 4] = [
+    StickyOutcome::Hit,
+    StickyOutcome::Unhealthy,
+    StickyOutcome::Busy,
+    StickyOutcome::NoKey,
+];
+
 /// Order the healthy, open pools for a new session: the first is the
 /// power-of-two-choices pick, the rest are fallbacks by idle connections.
 pub fn candidates(all: &[Arc<BackendPool>], rng: &mut impl Rng) -> Vec<Arc<BackendPool>> {
@@ -497,6 +519,22 @@ async fn wait_for_release(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The metrics start `sttproxy_acquire_total` at zero from
+    /// [`ACQUIRE_OUTCOMES`]: every label the code counts must be in it.
+    #[test]
+    fn every_acquire_outcome_is_listed() {
+        let counted = [Acquired::Idle, Acquired::Dialed, Acquired::Waited]
+            .map(Acquired::as_str)
+            .into_iter()
+            .chain([
+                NoConnection::NoBackend.label(),
+                NoConnection::Timeout(Duration::ZERO).label(),
+            ]);
+        for label in counted {
+            assert!(ACQUIRE_OUTCOMES.contains(&label), "{label}");
+        }
+    }
 
     type Backend = (String, u32);
 

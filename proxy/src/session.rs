@@ -22,7 +22,7 @@ use crate::relay::{
     self, CLOSE_TIMEOUT, Failover, FailoverSettings, FrameStream, RelayLease, RelaySettings,
     Takeover, TakeoverFuture,
 };
-use crate::route::{self, NoConnection};
+use crate::route;
 
 /// Session timeouts.
 #[derive(Debug, Clone)]
@@ -237,11 +237,9 @@ where
     let (backend, mut lease, how) = match leased {
         Ok(l) => l,
         Err(e) => {
-            let outcome = match e {
-                NoConnection::NoBackend => "no_backend",
-                NoConnection::Timeout(_) => "timeout",
-            };
-            m.acquire.get_or_create(&OutcomeLabel { outcome }).inc();
+            m.acquire
+                .get_or_create(&OutcomeLabel { outcome: e.label() })
+                .inc();
             tracing::info!(session = %id, error = %e, "no backend connection for the session");
             close_client(client, TRY_AGAIN_LATER, &e.to_string()).await;
             return "no_backend_connection";

@@ -95,9 +95,9 @@ impl RelaySettings {
 #[derive(Debug)]
 pub struct RelayEnd {
     pub outcome: &'static str,
-    /// How the fence ended: clean, dirty, timeout, error, not_fenced.
+    /// How the fence ended: one of [`FENCE_OUTCOMES`].
     pub fence: &'static str,
-    /// How the client close handshake ended: clean, no_reply, not_sent.
+    /// How the client close handshake ended: one of [`CLIENT_CLOSE_OUTCOMES`].
     pub client_close: &'static str,
     pub dropped: [(&'static str, u64); 5],
     /// Failover attempts by outcome (docs/failover.md): index
@@ -108,6 +108,19 @@ pub struct RelayEnd {
 /// The labels of [`RelayEnd::failovers`], in order.
 pub fn failover_outcomes() -> [&'static str; 6] {
     FailoverOutcome::ALL.map(FailoverOutcome::label)
+}
+
+/// Every value of [`RelayEnd::fence`] (`sttproxy_fencing_total{outcome}`).
+pub const FENCE_OUTCOMES: [&str; 5] = ["clean", "dirty", "timeout", "error", "not_fenced"];
+
+/// Every value of [`RelayEnd::client_close`]
+/// (`sttproxy_client_closes_total{outcome}`).
+pub const CLIENT_CLOSE_OUTCOMES: [&str; 5] =
+    ["clean", "no_reply", "not_sent", "vanished", "ping_timeout"];
+
+/// The labels of [`RelayEnd::dropped`], in order.
+pub fn dropped_reasons() -> [&'static str; 5] {
+    state::Dropped::ALL.map(state::Dropped::label)
 }
 
 /// A backend connection on another backend, for a session whose backend
@@ -250,13 +263,22 @@ where
     poll_fn(|cx| r.poll(cx, timer.as_mut())).await;
     r.flush_counts();
     let st = &r.state;
-    RelayEnd {
+    let end = RelayEnd {
         outcome: st.outcome.unwrap_or("ended"),
         fence: r.fence,
         client_close: r.client_close.unwrap_or("clean"),
         dropped: state::Dropped::ALL.map(|d| (d.label(), st.dropped[d as usize])),
         failovers: st.resume.as_ref().map_or([0; 6], |r| r.outcomes),
-    }
+    };
+    // The metrics start these families at zero from the lists: a value
+    // missing there would appear only on its first count.
+    debug_assert!(FENCE_OUTCOMES.contains(&end.fence), "{}", end.fence);
+    debug_assert!(
+        CLIENT_CLOSE_OUTCOMES.contains(&end.client_close),
+        "{}",
+        end.client_close
+    );
+    end
 }
 
 struct Relay<'a, C, B, L> {

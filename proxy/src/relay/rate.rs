@@ -49,6 +49,8 @@ pub enum Exceeded {
 }
 
 impl Exceeded {
+    pub const ALL: [Exceeded; 2] = [Exceeded::Messages, Exceeded::Bytes];
+
     pub fn label(self) -> &'static str {
         match self {
             Exceeded::Messages => "messages",
