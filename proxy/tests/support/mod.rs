@@ -116,8 +116,19 @@ pub fn replace_file(path: &std::path::Path, bytes: &[u8]) {
 
 /// Proxy settings for tests: ephemeral ports on 127.0.0.1, short timeouts,
 /// small pools (target 2, max 4 unless a backend says otherwise).
+///
+/// `STTPROXY_TEST_SESSION_THREADS=N` runs the sessions on N session threads
+/// (docs/relay.md#session-threads): .ci/run runs the hostile-peer and TLS
+/// tests a second time so, with 2.
 pub fn test_settings() -> Settings {
+    let session_threads = std::env::var("STTPROXY_TEST_SESSION_THREADS")
+        .ok()
+        .map(|v| {
+            v.parse::<usize>()
+                .expect("STTPROXY_TEST_SESSION_THREADS: a number of threads")
+        });
     Settings {
+        session_threads,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         admin: SocketAddr::from(([127, 0, 0, 1], 0)),
         handshake_timeout: Duration::from_secs(5),
