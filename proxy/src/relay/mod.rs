@@ -942,11 +942,6 @@ where
     /// A new backend connection takes the session over: `session.start` with
     /// `resume`, the replay, and `session.end` if the client already ended.
     fn install(&mut self, lease: L, since: Option<Instant>) {
-        if self.failover.is_none() || self.state.resume.is_none() {
-            return;
-        }
-        // A fresh token: nothing of the old lease's fence carries over.
-        self.state.set_token(new_fence_token());
         let (Some(f), Some(r)) = (self.failover.as_deref(), self.state.resume.as_deref_mut())
         else {
             return;
@@ -967,6 +962,8 @@ where
         for (opcode, payload) in r.replay.replay() {
             frame::push_frame(&mut frames, opcode, &payload, Peer::Backend.mask_for_send());
         }
+        // A fresh token: nothing of the old lease's fence carries over.
+        self.state.set_token(new_fence_token());
         self.state.backend = BackendPhase::Relaying;
         if self.state.client == ClientPhase::Ended {
             let end = self.state.end_message();
